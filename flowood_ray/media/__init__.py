@@ -1,0 +1,1 @@
+"""Media: decoding, frame sampling, face cropping, dataset manifests and the synthetic benchmark."""
