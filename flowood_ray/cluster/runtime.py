@@ -1,0 +1,29 @@
+"""Connecting to Ray: an existing cluster when an address is given, else a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Idempotent `ray.init`; `address` (or RAY_ADDRESS) joins a cluster, otherwise a local one starts."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # Workers inherit the driver's package through the shared filesystem on one machine;
+    # on a cluster the image or `ray job submit --working-dir` provides it.
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))

@@ -1,0 +1,126 @@
+"""One video in, aligned face crops and exactly one status row out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from flowood_ray.media.align import align_face
+from flowood_ray.media.decode import DecodeOutcome, MediaError, iter_frames, probe
+from flowood_ray.media.faces import CropConfig, FaceTracker
+from flowood_ray.media.manifest import MANIFEST_SCHEMA
+from flowood_ray.media.sampling import SamplingConfig, sample_indices
+
+log = logging.getLogger(__name__)
+
+VIDEO_STATUSES = ("ok", "no_face", "decode_error", "unsupported", "empty")
+
+CROP_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("frame_index", pa.int32(), nullable=False),
+        pa.field("timestamp_s", pa.float32()),
+        pa.field("crop", pa.binary(), nullable=False),  # size*size*3 uint8, RGB, row-major
+        pa.field("box", pa.list_(pa.float32(), 4)),
+        pa.field("keypoints", pa.list_(pa.float32(), 12)),  # crop coordinates, MediaPipe order
+        pa.field("score", pa.float32()),
+        pa.field("detected", pa.bool_()),
+    ]
+)
+
+VIDEO_SCHEMA = pa.schema(
+    list(MANIFEST_SCHEMA)
+    + [
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("fps", pa.float32()),
+        pa.field("frame_count", pa.int32()),
+        pa.field("duration_s", pa.float32()),
+        pa.field("codec", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("frames_sampled", pa.int32()),
+        pa.field("frames_decoded", pa.int32()),
+        pa.field("faces", pa.int32()),
+        pa.field("crop_size", pa.int32()),
+        pa.field("elapsed_s", pa.float32()),
+    ]
+)
+
+CropSink = Callable[[pa.Table], None]
+
+
+def crops_to_array(table: pa.Table, size: int) -> np.ndarray:
+    """(N, size, size, 3) uint8 view of a crop table's `crop` column."""
+    flat = np.frombuffer(b"".join(table.column("crop").to_pylist()), dtype=np.uint8)
+    return flat.reshape(-1, size, size, 3)
+
+
+class VideoCropper:
+    """Owns a MediaPipe graph; build one per process or actor and reuse it across videos."""
+
+    def __init__(self, sampling: SamplingConfig, crop: CropConfig, flush_rows: int = 256, decode_threads: int = 0):
+        self.sampling = sampling
+        self.crop = crop
+        self.flush_rows = flush_rows
+        self.decode_threads = decode_threads
+        self.tracker = FaceTracker(crop)
+
+    def process(self, row: Mapping[str, object], sink: CropSink) -> dict[str, object]:
+        """Crop one manifest row, streaming crops to `sink`; never raises for bad media."""
+        started = time.perf_counter()
+        result: dict[str, object] = {name: row.get(name) for name in MANIFEST_SCHEMA.names}
+        result.update(status="ok", reason=None, crop_size=self.crop.size, frames_sampled=0, frames_decoded=0, faces=0)
+        try:
+            info = probe(Path(str(row["path"])))
+        except MediaError as exc:
+            result.update(status=exc.status, reason=exc.reason)
+        else:
+            result.update(
+                fps=info.fps, frame_count=info.frame_count, duration_s=info.duration_s, codec=info.codec,
+                width=info.width, height=info.height,
+            )
+            self._crop_frames(str(row["video_id"]), Path(str(row["path"])), info, result, sink)
+        result["elapsed_s"] = time.perf_counter() - started
+        return result
+
+    def _crop_frames(self, video_id: str, path: Path, info, result: dict[str, object], sink: CropSink) -> None:
+        indices = sample_indices(info.frame_count, self.sampling)
+        outcome = DecodeOutcome()
+        self.tracker.reset()
+        buffer: dict[str, list] = {name: [] for name in CROP_SCHEMA.names}
+        faces = 0
+        for index, timestamp, rgb in iter_frames(path, info, indices, outcome, self.decode_threads):
+            face = self.tracker.update(index, rgb)
+            if face is None:
+                continue
+            crop, matrix = align_face(rgb, face.keypoints, self.crop.size, self.crop.margin)
+            kps = face.keypoints @ matrix[:, :2].T + matrix[:, 2]
+            for name, value in (
+                ("video_id", video_id), ("frame_index", index), ("timestamp_s", timestamp),
+                ("crop", crop.tobytes()), ("box", face.box.tolist()), ("keypoints", kps.ravel().tolist()),
+                ("score", face.score), ("detected", face.detected),
+            ):
+                buffer[name].append(value)
+            faces += 1
+            if len(buffer["video_id"]) >= self.flush_rows:
+                sink(pa.table(buffer, schema=CROP_SCHEMA))
+                buffer = {name: [] for name in CROP_SCHEMA.names}
+        if buffer["video_id"]:
+            sink(pa.table(buffer, schema=CROP_SCHEMA))
+        result.update(frames_sampled=len(indices), frames_decoded=outcome.frames_decoded, faces=faces)
+        if outcome.error is not None:
+            # Crops decoded before the failure are kept; the row says how far decoding got.
+            result.update(status="decode_error", reason=outcome.error)
+        elif outcome.frames_decoded == 0:
+            result.update(status="decode_error", reason="no frame could be decoded")
+        elif faces == 0:
+            result.update(status="no_face", reason=f"no face in {outcome.frames_decoded} decoded frames")
+
+    def close(self) -> None:
+        self.tracker.close()

@@ -1,0 +1,104 @@
+"""Face-crop shards on disk, written so that a killed job can be rerun safely.
+
+Layout of an output directory:
+  crops/part-<id>.parquet    crop rows of the videos in shard <id>
+  videos/part-<id>.parquet   one status row per video of shard <id>; its presence commits the shard
+  _tmp/                      files being written; anything left here is from a killed run
+  preprocess.json            the configuration every shard was made with
+
+Both files are written under _tmp and renamed into place, crops first. A crops file without
+its videos file is an interrupted commit and is deleted before a rerun, so every video ends
+up in exactly one committed shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from flowood_ray.media.facecrop import CROP_SCHEMA, VIDEO_SCHEMA, VideoCropper
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "preprocess.json"
+
+
+def shard_id(video_ids: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:16]
+
+
+def prepare_output(out: Path, config: Mapping[str, object]) -> None:
+    """Create the layout, refuse to mix configurations, and drop what a killed run left behind."""
+    out = Path(out)
+    for sub in ("crops", "videos", "_tmp"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    config_path = out / CONFIG_FILE
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        if previous != json.loads(json.dumps(config)):
+            raise ValueError(
+                f"{out} holds crops made with another configuration ({config_path}); use a new output directory"
+            )
+    else:
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    shutil.rmtree(out / "_tmp")
+    (out / "_tmp").mkdir()
+    committed = {p.name for p in (out / "videos").glob("part-*.parquet")}
+    for orphan in (out / "crops").glob("part-*.parquet"):
+        if orphan.name not in committed:
+            log.info("removing uncommitted shard %s", orphan.name)
+            orphan.unlink()
+
+
+def done_video_ids(out: Path) -> set[str]:
+    files = sorted((Path(out) / "videos").glob("part-*.parquet"))
+    if not files:
+        return set()
+    return set(pq.ParquetDataset(files).read(columns=["video_id"]).column("video_id").to_pylist())
+
+
+def write_shard(out: Path, rows: Iterable[Mapping[str, object]], cropper: VideoCropper) -> list[dict[str, object]]:
+    """Crop every row into one shard and commit it; returns the video status rows."""
+    out = Path(out)
+    rows = list(rows)
+    sid = shard_id([str(r["video_id"]) for r in rows])
+    name = f"part-{sid}.parquet"
+    tmp_crops = out / "_tmp" / f"crops-{name}.{os.getpid()}"
+    tmp_videos = out / "_tmp" / f"videos-{name}.{os.getpid()}"
+    results = []
+    try:
+        with pq.ParquetWriter(tmp_crops, CROP_SCHEMA, compression="zstd") as writer:
+            for row in rows:
+                results.append(cropper.process(row, writer.write_table))
+        pq.write_table(pa.Table.from_pylist(results, schema=VIDEO_SCHEMA), tmp_videos, compression="zstd")
+        os.replace(tmp_crops, out / "crops" / name)
+        os.replace(tmp_videos, out / "videos" / name)
+    finally:
+        for leftover in (tmp_crops, tmp_videos):
+            leftover.unlink(missing_ok=True)
+    return results
+
+
+def read_videos(out: Path) -> pa.Table:
+    files = sorted((Path(out) / "videos").glob("part-*.parquet"))
+    if not files:
+        return VIDEO_SCHEMA.empty_table()
+    return pq.ParquetDataset(files, schema=VIDEO_SCHEMA).read()
+
+
+def crop_dataset(out: Path) -> pads.Dataset:
+    """Lazy dataset over the committed crop shards (filter and project before reading)."""
+    return pads.dataset(sorted(str(p) for p in (Path(out) / "crops").glob("part-*.parquet")), schema=CROP_SCHEMA)
+
+
+def crop_size(out: Path) -> int:
+    return int(json.loads((Path(out) / CONFIG_FILE).read_text())["crop"]["size"])

@@ -1,0 +1,85 @@
+"""Shared fixtures: small media files built by the tests themselves (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+# Tests start their own local Ray; never join a cluster from the environment by accident.
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def face_frames(n: int, width: int = 320, height: int = 240, seed: int = 0) -> list[np.ndarray]:
+    """A real face (scikit-image's astronaut photo) drifting and zooming slowly, as RGB frames."""
+    rng = np.random.default_rng(seed)
+    photo = skimage.data.astronaut()
+    frames = []
+    for i in range(n):
+        dx, dy = int(10 * np.sin(i / 6)), int(6 * np.cos(i / 9))
+        zoom = 1.0 + 0.05 * np.sin(i / 11)
+        side = int(300 / zoom)
+        x0, y0 = 90 + dx, 10 + dy
+        frame = cv2.resize(photo[y0 : y0 + side, x0 : x0 + side], (width, height), interpolation=cv2.INTER_AREA)
+        noise = rng.normal(0, 2, frame.shape)
+        frames.append(np.clip(frame + noise, 0, 255).astype(np.uint8))
+    return frames
+
+
+def write_video(path: Path, frames: list[np.ndarray], codec: str = "libx264", fps: int = 25) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def build_mixed_archive(root: Path, good_videos: int = 3, frames: int = 30) -> dict[str, str]:
+    """Valid face videos and images beside every kind of broken input; returns name -> expected status."""
+    expected: dict[str, str] = {}
+    for i in range(good_videos):
+        write_video(root / f"real/clip{i}.mp4", face_frames(frames, seed=i))
+        expected[f"real/clip{i}.mp4"] = "ok"
+    cv2.imwrite(str(root / "real/still.jpg"), cv2.cvtColor(face_frames(1)[0], cv2.COLOR_RGB2BGR))
+    expected["real/still.jpg"] = "ok"
+    cv2.imwrite(str(root / "real/still.webp"), cv2.cvtColor(face_frames(1, seed=5)[0], cv2.COLOR_RGB2BGR))
+    expected["real/still.webp"] = "ok"
+    noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    cv2.imwrite(str(root / "real/noface.png"), cv2.GaussianBlur(noise, (31, 31), 10))
+    expected["real/noface.png"] = "no_face"
+    (root / "real/zero.mp4").write_bytes(b"")
+    expected["real/zero.mp4"] = "empty"
+    (root / "real/notes.mp4").write_text("this is a text file, not a video\n" * 20)
+    expected["real/notes.mp4"] = "decode_error"
+    whole = write_video(root / "tmp_whole.mp4", face_frames(frames, seed=9)).read_bytes()
+    (root / "tmp_whole.mp4").unlink()
+    (root / "real/truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    expected["real/truncated.mp4"] = "decode_error"
+    # MJPEG in AVI with its second half scrambled: the first frames decode, then the decoder fails.
+    broken = bytearray(write_video(root / "real/midway.avi", face_frames(frames, seed=3), codec="mjpeg").read_bytes())
+    for i in range(len(broken) // 2, len(broken) * 4 // 5):
+        broken[i] = (broken[i] * 7 + 13) % 256
+    (root / "real/midway.avi").write_bytes(bytes(broken))
+    expected["real/midway.avi"] = "decode_error"
+    (root / "real/unreadable.mp4").mkdir(parents=True)
+    expected["real/unreadable.mp4"] = "decode_error"
+    return expected
+
+
+@pytest.fixture(scope="session")
+def mixed_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("mixed_archive")
+    return root, build_mixed_archive(root)

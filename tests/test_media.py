@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import face_frames, write_video
+from flowood_ray.media.align import align_face, template, umeyama_similarity
+from flowood_ray.media.decode import DecodeOutcome, MediaError, iter_frames, probe
+from flowood_ray.media.facecrop import VideoCropper, crops_to_array
+from flowood_ray.media.faces import CropConfig, FaceTracker
+from flowood_ray.media.manifest import manifest_table, video_id_for
+from flowood_ray.media.sampling import SamplingConfig, sample_indices
+
+
+def test_sample_indices_modes() -> None:
+    assert sample_indices(100, SamplingConfig(num_frames=4)) == [12, 37, 62, 87]
+    assert sample_indices(3, SamplingConfig(num_frames=32)) == [0, 1, 2]
+    assert sample_indices(10, SamplingConfig(mode="stride", stride=3)) == [0, 3, 6, 9]
+    assert sample_indices(10, SamplingConfig(mode="all", max_frames=4)) == [0, 1, 2, 3]
+    assert sample_indices(0, SamplingConfig()) == []
+    with pytest.raises(ValueError):
+        SamplingConfig(mode="uniform", stride=2)
+
+
+def test_umeyama_recovers_a_similarity_exactly() -> None:
+    src = template(112, 0.0)
+    angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    dst = scale * src @ rot.T + shift
+    matrix = umeyama_similarity(src, dst)
+    np.testing.assert_allclose(matrix[:, :2], scale * rot, atol=1e-9)
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-9)
+    with pytest.raises(ValueError):
+        umeyama_similarity(np.zeros((4, 2)), dst)
+
+
+def test_probe_and_decode_selected_frames(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "v.mp4", face_frames(20))
+    info = probe(path)
+    assert (info.kind, info.frame_count, info.width, info.height, info.codec) == ("video", 20, 320, 240, "h264")
+    assert info.fps == pytest.approx(25.0) and info.duration_s == pytest.approx(0.8, abs=0.05)
+    outcome = DecodeOutcome()
+    frames = list(iter_frames(path, info, [2, 5, 19], outcome))
+    assert [i for i, _, _ in frames] == [2, 5, 19]
+    assert frames[1][1] == pytest.approx(5 / 25)
+    assert frames[0][2].shape == (240, 320, 3) and outcome.error is None
+
+
+def test_decompression_bomb_image_is_refused_before_decoding(tmp_path: Path) -> None:
+    import cv2
+
+    path = tmp_path / "bomb.png"
+    cv2.imwrite(str(path), np.zeros((9000, 9000, 3), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    with pytest.raises(MediaError) as err:
+        probe(path)
+    assert err.value.status == "unsupported" and "pixel limit" in err.value.reason
+
+
+def test_aligned_crop_puts_landmarks_on_the_template() -> None:
+    tracker = FaceTracker(CropConfig(size=128, detect_every=1))
+    frame = face_frames(1)[0]
+    face = tracker.update(0, frame)
+    assert face is not None and face.detected and face.score > 0.8
+    crop, matrix = align_face(frame, face.keypoints, 128, 0.3)
+    mapped = face.keypoints[:4] @ matrix[:, :2].T + matrix[:, 2]
+    # Four detector points cannot all land exactly on the template; a few px is a good fit.
+    assert np.abs(mapped - template(128, 0.3)).max() < 6
+    assert crop.shape == (128, 128, 3) and crop.dtype == np.uint8
+    tracker.close()
+
+
+def test_tracking_follows_the_face_between_detections() -> None:
+    frames = face_frames(12)
+    every = FaceTracker(CropConfig(detect_every=1, smoothing=1.0))
+    tracked = FaceTracker(CropConfig(detect_every=5, smoothing=1.0))
+    sources = []
+    for i, frame in enumerate(frames):
+        truth, guess = every.update(i, frame), tracked.update(i, frame)
+        sources.append(guess.detected)
+        eye_distance = np.linalg.norm(truth.keypoints[0] - truth.keypoints[1])
+        assert np.abs(guess.keypoints[:4] - truth.keypoints[:4]).max() < 0.15 * eye_distance
+    assert sources == [True, False, False, False, False] * 2 + [True, False]
+    every.close(), tracked.close()
+
+
+def test_a_gap_in_the_frame_sequence_forces_a_detection() -> None:
+    tracker = FaceTracker(CropConfig(detect_every=5))
+    frames = face_frames(3)
+    assert tracker.update(0, frames[0]).detected
+    assert not tracker.update(1, frames[1]).detected
+    assert tracker.update(5, frames[2]).detected
+    tracker.close()
+
+
+def test_video_cropper_streams_crops_and_reports(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "v.mp4", face_frames(30))
+    row = manifest_table([{"video_id": video_id_for(path, tmp_path), "path": str(path), "source": "test"}]).to_pylist()[0]
+    cropper = VideoCropper(SamplingConfig(mode="all"), CropConfig(size=64), flush_rows=8)
+    sunk: list[pa.Table] = []
+    result = cropper.process(row, sunk.append)
+    cropper.close()
+    assert [t.num_rows for t in sunk] == [8, 8, 8, 6]
+    crops = pa.concat_tables(sunk)
+    assert result["status"] == "ok" and result["faces"] == 30 and result["frames_decoded"] == 30
+    assert crops.column("frame_index").to_pylist() == list(range(30))
+    images = crops_to_array(crops, 64)
+    assert images.shape == (30, 64, 64, 3) and images.std() > 10
