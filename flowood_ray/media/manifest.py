@@ -43,7 +43,8 @@ def video_id_for(path: Path, root: Path) -> str:
     The size is part of the key so that a file replaced in place is scored again; an
     unreadable file hashes with size -1 and still gets a stable id for its error row.
     """
-    rel = Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
+    # abspath, not resolve: an archive of symlinks keeps its ids when the link targets move.
+    rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
     try:
         size = os.path.getsize(path)
     except OSError:
