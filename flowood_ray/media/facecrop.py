@@ -124,3 +124,16 @@ class VideoCropper:
 
     def close(self) -> None:
         self.tracker.close()
+
+
+def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, size, size, 3); area filter when shrinking, as aliasing would add noise."""
+    if crops.shape[1] == size and crops.shape[2] == size:
+        return crops
+    import cv2
+
+    interp = cv2.INTER_AREA if size < crops.shape[1] else cv2.INTER_LINEAR
+    out = np.empty((len(crops), size, size, 3), dtype=np.uint8)
+    for i, crop in enumerate(crops):
+        out[i] = cv2.resize(crop, (size, size), interpolation=interp)
+    return out

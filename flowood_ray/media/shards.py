@@ -21,11 +21,13 @@ import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from flowood_ray.media.facecrop import CROP_SCHEMA, VIDEO_SCHEMA, VideoCropper
+from flowood_ray.media.facecrop import CROP_SCHEMA, VIDEO_SCHEMA, VideoCropper, crops_to_array, resize_crops
 
 log = logging.getLogger(__name__)
 
@@ -102,3 +104,22 @@ def crop_dataset(out: Path) -> pads.Dataset:
 
 def crop_size(out: Path) -> int:
     return int(json.loads((Path(out) / CONFIG_FILE).read_text())["crop"]["size"])
+
+
+def real_split_ids(videos: pa.Table, split: str) -> list[str]:
+    """Real videos of a split that produced crops: the only data detectors are fitted or calibrated on."""
+    rows = videos.filter(
+        (pc.field("label") == 0) & (pc.field("split") == split) & (pc.field("faces") > 0)
+    ).column("video_id")
+    return sorted(rows.to_pylist())
+
+
+def read_crop_images(out: Path, video_ids: Sequence[str], size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, S, S, 3), video_ids (N,)) for the given videos, optionally resized to `size`."""
+    table = crop_dataset(out).to_table(
+        columns=["video_id", "frame_index", "crop"], filter=pc.field("video_id").isin(list(video_ids))
+    ).sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
+    images = crops_to_array(table, crop_size(out))
+    if size is not None:
+        images = resize_crops(images, size)
+    return images, np.asarray(table.column("video_id").to_pylist())

@@ -1,0 +1,226 @@
+"""Training on Ray Train: DDP over the real-only splits of the face-crop shards.
+
+The driver owns MLflow (SQLite allows one writer): it opens the run, logs parameters, and after
+`fit` calibrates on real validation crops and registers the model. Rank 0 logs per-epoch
+metrics to the same run. Resuming is Ray Train V2's: rerun with the same run name and storage
+path and the latest checkpoint is picked up; the MLflow run with the same name is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+from pydantic import BaseModel, Field
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from flowood_ray.cluster.runtime import init_ray
+from flowood_ray.media.facecrop import crops_to_array, resize_crops
+from flowood_ray.media.shards import crop_size, read_videos, real_split_ids
+from flowood_ray.models.catalog import build_modules, family, parse_configs
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    family: str
+    epochs: int = Field(10, ge=1, description="epochs per phase (the VQ-VAE family has two phases)")
+    batch_size: int = Field(64, ge=1, description="per worker")
+    lr: float = Field(1e-3, gt=0)
+    grad_clip: float = Field(50.0, gt=0)
+    seed: int = 0
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(2048, ge=0)
+
+
+def crop_datasets(crops_dir: Path, image_size: int) -> dict[str, ray.data.Dataset]:
+    """Ray datasets of real train and val crops, resized to the model's input size."""
+    videos = read_videos(crops_dir)
+    ids = {split: real_split_ids(videos, split) for split in ("train", "val")}
+    for split, chosen in ids.items():
+        if not chosen:
+            raise ValueError(f"{crops_dir} has no real {split} videos with faces; training needs both train and val")
+    files = sorted(str(p) for p in (Path(crops_dir) / "crops").glob("part-*.parquet"))
+    size = crop_size(crops_dir)
+    base = ray.data.read_parquet(files, columns=["video_id", "crop"])
+    # Materialised before training starts: the DDP workers then hold every CPU of a small
+    # cluster, and a lazy read would wait forever for one.
+    return {
+        split: base.map_batches(
+            _select_images, fn_kwargs={"ids": chosen, "crop_size": size, "image_size": image_size},
+            batch_format="pyarrow",
+        ).materialize()
+        for split, chosen in ids.items()
+    }
+
+
+def _select_images(batch: pa.Table, ids: list[str], crop_size: int, image_size: int) -> dict[str, np.ndarray]:
+    rows = batch.filter(pc.is_in(batch.column("video_id"), value_set=pa.array(ids)))
+    images = crops_to_array(rows, crop_size) if rows.num_rows else np.zeros((0, crop_size, crop_size, 3), np.uint8)
+    return {"image": resize_crops(images, image_size)}
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Runs on every DDP worker."""
+    import mlflow
+    import torch.distributed as dist
+
+    tc = TrainConfig(**config["train"])
+    fam = family(tc.family)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(tc.seed)
+    device = ray.train.torch.get_device()
+    modules = {k: m.to(device) for k, m in build_modules(tc.family, config["models"]).items()}
+    done_epochs, optim_states = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        done_epochs, optim_states = state["epoch"], state["optimizers"]
+        log.info("rank %d resumed after epoch %d", rank, done_epochs)
+    client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    generator = torch.Generator(device="cpu").manual_seed(tc.seed * 1000 + rank)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+
+    epoch = 0
+    for phase in fam.phases:
+        for module in modules.values():
+            module.requires_grad_(False)
+        modules[phase.trains].requires_grad_(True)
+        wrapped: dict[str, torch.nn.Module] = dict(modules)
+        optimizer: torch.optim.Optimizer | None = None
+        for _ in range(tc.epochs):
+            epoch += 1
+            if epoch <= done_epochs:
+                continue
+            modules[phase.trains].train()
+            train_sums: dict[str, float] = {}
+            batches = 0
+            for batch in train_shard.iter_torch_batches(
+                batch_size=tc.batch_size, local_shuffle_buffer_size=tc.shuffle_buffer or None,
+                local_shuffle_seed=tc.seed + epoch, device=device, dtypes=torch.uint8, drop_last=False,
+            ):
+                images = batch["image"]
+                if optimizer is None:
+                    # Data-dependent init (ActNorm) happens on this first forward, before DDP wraps the
+                    # module, so DDP's broadcast of rank 0's state makes every replica start identical.
+                    with torch.no_grad():
+                        phase.loss(modules, images, generator)
+                    wrapped[phase.trains] = ray.train.torch.prepare_model(modules[phase.trains], move_to_device=False)
+                    optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=tc.lr)
+                    if phase.name in optim_states:
+                        optimizer.load_state_dict(optim_states[phase.name])
+                loss, metrics = phase.loss(wrapped, images, generator)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(modules[phase.trains].parameters(), tc.grad_clip)
+                optimizer.step()
+                for k, v in metrics.items():
+                    train_sums[k] = train_sums.get(k, 0.0) + v
+                batches += 1
+            val = _validate(phase, modules, val_shard, tc, device)
+            if dist.is_available() and dist.is_initialized():
+                totals = torch.tensor([val[0], val[1], float(batches)], dtype=torch.float64)
+                dist.all_reduce(totals)
+                val = (float(totals[0]), float(totals[1]))
+            report = {f"train_{k}": v / max(batches, 1) for k, v in train_sums.items()}
+            report.update({f"val_{phase.metric}": val[0] / max(val[1], 1.0), "epoch": epoch, "phase": phase.name})
+            if optimizer is not None:
+                optim_states[phase.name] = optimizer.state_dict()
+            _report(rank, epoch, modules, optim_states, report, client, config["run_id"])
+
+
+@torch.no_grad()
+def _validate(phase, modules, shard, tc: TrainConfig, device) -> tuple[float, float]:
+    """(sum of the per-sample validation metric, count) on this worker's shard, with fixed noise."""
+    for module in modules.values():
+        module.eval()
+    generator = torch.Generator(device="cpu").manual_seed(12345)
+    total, count = 0.0, 0.0
+    for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device, dtypes=torch.uint8):
+        images = batch["image"]
+        _, metrics = phase.loss(modules, images, generator)
+        total += metrics[phase.metric] * len(images)
+        count += len(images)
+    return total, count
+
+
+def _report(rank, epoch, modules, optim_states, metrics, client, run_id) -> None:
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if rank != 0:
+        ray.train.report(numeric)
+        return
+    for key, value in numeric.items():
+        if key != "epoch":
+            client.log_metric(run_id, key, value, step=epoch)
+    log.info("epoch %d %s", epoch, json.dumps(metrics))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(
+            {"epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()}, "optimizers": optim_states},
+            Path(tmp) / "state.pt",
+        )
+        ray.train.report(numeric, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def system_info() -> dict[str, str]:
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+        "cuda": str(torch.cuda.is_available()), "cpus": str(os.cpu_count()), "host": platform.node(),
+    }
+
+
+def fit(
+    crops_dir: Path,
+    train: TrainConfig,
+    model_configs: dict[str, dict[str, Any]],
+    run_name: str,
+    storage_path: Path,
+    tracking_uri: str,
+    run_id: str,
+    address: str | None = None,
+) -> dict[str, torch.nn.Module]:
+    """Run DDP training and return the modules of the last checkpoint, on CPU."""
+    init_ray(address)
+    parsed = parse_configs(train.family, model_configs)
+    datasets = crop_datasets(Path(crops_dir), family(train.family).image_size(parsed))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "train": train.model_dump(), "models": {k: v.model_dump() for k, v in parsed.items()},
+            "tracking_uri": tracking_uri, "run_id": run_id,
+        },
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(Path(storage_path).resolve()),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} produced no checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", map_location="cpu", weights_only=True)
+    modules = build_modules(train.family, {k: v.model_dump() for k, v in parsed.items()})
+    for name, module in modules.items():
+        module.load_state_dict(state["modules"][name])
+        module.eval()
+    return modules

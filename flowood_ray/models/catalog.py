@@ -1,0 +1,112 @@
+"""Model families: which modules make up a family and how each training phase computes its loss.
+
+A family's modules are rebuilt from their JSON configs (registry bundles, checkpoints), and every
+loss calls modules through `forward`, so that DistributedDataParallel sees the call and
+synchronises gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from flowood_ray.models.glow import Glow, GlowConfig, preprocess
+from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
+
+# loss(modules, uint8 images (N, H, W, 3), generator) -> (loss to minimise, metrics to log)
+LossFn = Callable[[Mapping[str, nn.Module], Tensor, torch.Generator | None], tuple[Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    trains: str  # the component whose parameters this phase optimises
+    loss: LossFn
+    metric: str  # the validation metric the phase reports (lower is better)
+
+
+@dataclass(frozen=True)
+class Family:
+    components: dict[str, tuple[type[BaseModel], type[nn.Module]]]
+    phases: tuple[Phase, ...]
+    image_size: Callable[[Mapping[str, BaseModel]], int]
+
+
+def _glow_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    glow = modules["glow"]
+    config: GlowConfig = getattr(glow, "module", glow).config
+    x = preprocess(images, config.n_bits, "uniform", generator)
+    _, log_prob = glow(x)
+    dims = x[0].numel()
+    bpd = (-log_prob + dims * math.log(2**config.n_bits)) / (dims * math.log(2.0))
+    loss = bpd.mean()
+    return loss, {"bpd": float(loss.detach())}
+
+
+def _vqvae_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    vqvae = modules["vqvae"]
+    config: VQVAEConfig = getattr(vqvae, "module", vqvae).config
+    x = preprocess(images, 8, "center")
+    recon, vq_loss, _ = vqvae(x)
+    recon_loss = F.mse_loss(recon, x) if config.recon_loss == "mse" else F.l1_loss(recon, x)
+    loss = recon_loss + vq_loss
+    return loss, {"recon": float(recon_loss.detach()), "vq": float(vq_loss.detach()), "loss": float(loss.detach())}
+
+
+def _prior_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    vqvae = getattr(modules["vqvae"], "module", modules["vqvae"])
+    with torch.no_grad():
+        codes = vqvae.encode(preprocess(images, 8, "center"))
+    logits = modules["prior"](codes)
+    # Mean NLL per code position in nats: the prior's own bits-back-free likelihood of the latents.
+    loss = F.cross_entropy(logits, codes)
+    return loss, {"code_nll": float(loss.detach())}
+
+
+FAMILIES: dict[str, Family] = {
+    "glow": Family(
+        components={"glow": (GlowConfig, Glow)},
+        phases=(Phase("glow", "glow", _glow_loss, "bpd"),),
+        image_size=lambda c: c["glow"].image_size,  # type: ignore[attr-defined]
+    ),
+    "vqvae": Family(
+        components={"vqvae": (VQVAEConfig, VQVAE), "prior": (PixelSNAILConfig, PixelSNAIL)},
+        phases=(Phase("vqvae", "vqvae", _vqvae_loss, "loss"), Phase("prior", "prior", _prior_loss, "code_nll")),
+        image_size=lambda c: c["vqvae"].image_size,  # type: ignore[attr-defined]
+    ),
+}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, BaseModel]:
+    """Validate per-component configs (missing components get their defaults); keeps the VQ-VAE and its
+    prior consistent, because the prior's vocabulary and map size are the VQ-VAE's."""
+    fam = family(name)
+    unknown = set(configs) - set(fam.components)
+    if unknown:
+        raise ValueError(f"family {name!r} has no components {sorted(unknown)}; it has {sorted(fam.components)}")
+    parsed = {comp: cls(**configs.get(comp, {})) for comp, (cls, _) in fam.components.items()}
+    if name == "vqvae":
+        vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
+        prior = dict(configs.get("prior", {}))
+        prior.update(num_codes=vq.codebook_size, height=vq.code_size, width=vq.code_size)
+        parsed["prior"] = PixelSNAILConfig(**prior)
+    return parsed
+
+
+def build_modules(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Module]:
+    fam = family(name)
+    parsed = parse_configs(name, configs)
+    return {comp: fam.components[comp][1](parsed[comp]) for comp in fam.components}
