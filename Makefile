@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 DEMO_DIR ?= demo_out
 export PYTHONHASHSEED := 0
 
-.PHONY: setup system-deps test test-fast demo bench clean
+.PHONY: setup system-deps test test-fast demo bench clean cluster-up cluster-down
 
 setup: $(STAMP)
 
@@ -38,3 +38,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+cluster-up: $(STAMP)
+	$(VENV)/bin/flowood cluster up
+
+cluster-down: $(STAMP)
+	$(VENV)/bin/flowood cluster down

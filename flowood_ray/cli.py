@@ -120,6 +120,72 @@ def preprocess(
     typer.echo(f"shards in {out}")
 
 
+models_app = typer.Typer(help="The MLflow model registry: list versions, move aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+cluster_app = typer.Typer(help="A local Ray head (token auth) and MLflow server for `ray job submit`.",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+TrackingOption = Annotated[str | None, typer.Option(help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")]
+StateOption = Annotated[Path, typer.Option(help="where the local cluster keeps its state")]
+
+
+@models_app.command("list")
+def models_list(tracking_uri: TrackingOption = None) -> None:
+    """Registered FlowOOD models with their versions and aliases."""
+    from flowood_ray.registry import configure, list_models
+
+    configure(tracking_uri)
+    rows = list_models()
+    if not rows:
+        typer.echo("no registered flowood models")
+    for row in rows:
+        typer.echo(f"{row['name']:<20} v{row['version']:<4} {','.join(row['aliases']) or '-':<22} run {row['run_id']}")
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="registered model, e.g. flowood-glow")],
+    version: Annotated[str, typer.Argument(help="version number to promote")],
+    alias: Annotated[str, typer.Option(help="alias to move")] = "champion",
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Point an alias (champion by default) at a version."""
+    from mlflow.exceptions import MlflowException
+
+    from flowood_ray.registry import configure, promote
+
+    configure(tracking_uri)
+    try:
+        promote(name, version, alias)
+    except MlflowException as exc:
+        _fail(exc.message)
+    typer.echo(f"{name}@{alias} -> version {version}")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    state_dir: StateOption = Path(".flowood-cluster"),
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the head offers (default: all)")] = None,
+    dashboard_port: int = 8265,
+    mlflow_port: int = 5000,
+) -> None:
+    """Start a Ray head node with token auth and an MLflow server (SQLite + local artifacts) on loopback."""
+    from flowood_ray.cluster.local import LocalCluster, up
+
+    cluster = LocalCluster(state_dir, num_cpus=num_cpus, dashboard_port=dashboard_port, mlflow_port=mlflow_port)
+    up(cluster)
+    typer.echo(f"source {state_dir / 'env'}   # then: ray job submit --working-dir . -- python jobs/train.py ...")
+
+
+@cluster_app.command("down")
+def cluster_down(state_dir: StateOption = Path(".flowood-cluster")) -> None:
+    """Stop the local Ray head and MLflow server (their data stays)."""
+    from flowood_ray.cluster.local import down
+
+    down(state_dir)
+
+
 def main() -> None:
     app()
 

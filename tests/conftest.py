@@ -83,3 +83,32 @@ def build_mixed_archive(root: Path, good_videos: int = 3, frames: int = 30) -> d
 def mixed_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("mixed_archive")
     return root, build_mixed_archive(root)
+
+
+@pytest.fixture(scope="session")
+def synth_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic benchmark, preprocessed into 32 px crops on a local Ray (shared by e2e tests)."""
+    from flowood_ray.cluster.preprocess import run_preprocess
+    from flowood_ray.media.datasets import build_manifest
+    from flowood_ray.media.faces import CropConfig
+    from flowood_ray.media.sampling import SamplingConfig
+    from flowood_ray.media.synth import SynthConfig, generate_benchmark
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_benchmark(
+        root / "archive",
+        SynthConfig(identities=6, videos_per_identity=2, frames=16, size=192, qualities=("c23",), seed=11),
+    )
+    run_preprocess(
+        build_manifest(root / "archive"), root / "crops", SamplingConfig(num_frames=8), CropConfig(size=32),
+        workers=2, videos_per_shard=4,
+    )
+    return root / "crops"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

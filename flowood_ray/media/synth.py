@@ -173,7 +173,7 @@ def plan_benchmark(config: SynthConfig) -> Plan:
     pairs = {split: _pair_videos([v for v in videos if v.split == split]) for split in ("train", "val", "test")}
     identity = {v.vid: v.identity for v in videos}
     if any(identity[a] == identity[b] for split_pairs in pairs.values() for a, b in split_pairs):
-        raise AssertionError("pairing produced a same-identity pair")  # guarded by _pair_videos' argument
+        raise RuntimeError("pairing produced a same-identity pair")  # _pair_videos rules this out
     return Plan(videos, pairs)
 
 
@@ -411,14 +411,18 @@ def _build_layers(person: Identity, scene: Scene, size: int) -> _Layers:
     head_alpha = np.zeros((size, size), np.float32)
     hair_tex = cv2.GaussianBlur(tex_rng.standard_normal((size, size)).astype(np.float32), (0, 0), 0.6 * s / 256,
                                 sigmaY=6 * s / 256)
-    hair_tex = 1 + 0.5 * hair_tex / (hair_tex.std() + 1e-6) * 0.25
+    hair_tex = 1 + 0.125 * hair_tex / (hair_tex.std() + 1e-6)  # strands: streaks along the fall of the hair
     hair_light = np.clip(0.45 + 0.55 * (light[0] * (xs - c) / (1.2 * a) - light[1] * (c - 0.5 * b - ys) / b), 0.3, 1.0)
     hair_rgb = person.hair * (hair_light * hair_tex)[..., None]
-    back = {0: _ellipse(xs, ys, c, c - 0.12 * b, 1.08 * a, 1.0 * b) * (ys < c + 0.05 * b),
-            1: np.maximum(_ellipse(xs, ys, c, c - 0.02 * b, 1.22 * a, 1.12 * b),
-                          np.clip(1.2 * a - np.abs(xs - c), 0, 1) * (ys > c) * (ys < c + 1.5 * b)),
-            2: _ellipse(xs, ys, c, c - 0.1 * b, 1.04 * a, 0.95 * b) * (np.abs(xs - c) > 0.7 * a) * (ys < c + 0.1 * b),
-            3: _ellipse(xs, ys, c + 0.05 * a, c - 0.16 * b, 1.12 * a, 1.06 * b) * (ys < c + 0.05 * b)}[person.hair_style]
+    if person.hair_style == 1:  # long: falls behind the neck onto the shoulders
+        back = np.maximum(_ellipse(xs, ys, c, c - 0.02 * b, 1.22 * a, 1.12 * b),
+                          np.clip(1.2 * a - np.abs(xs - c), 0, 1) * (ys > c) * (ys < c + 1.5 * b))
+    elif person.hair_style == 2:  # receding: mostly at the sides
+        back = _ellipse(xs, ys, c, c - 0.1 * b, 1.04 * a, 0.95 * b) * (np.abs(xs - c) > 0.7 * a) * (ys < c + 0.1 * b)
+    elif person.hair_style == 3:  # fuller, with a side part
+        back = _ellipse(xs, ys, c + 0.05 * a, c - 0.16 * b, 1.12 * a, 1.06 * b) * (ys < c + 0.05 * b)
+    else:  # short
+        back = _ellipse(xs, ys, c, c - 0.12 * b, 1.08 * a, 1.0 * b) * (ys < c + 0.05 * b)
     head += hair_rgb * back[..., None]
     head_alpha = np.maximum(head_alpha, back)
 
@@ -511,7 +515,8 @@ def _draw_features(canvas: np.ndarray, person: Identity, scene: Scene, pose: Pos
         _paint(eye, [lid_shadow], np.array([40, 30, 30], np.float32), alpha=0.35, soften=0.8 * s / 256)
         if opening > -0.5:
             _paint(canvas, [almond], eye)
-        lash = np.concatenate([upper - [0, 0.02 * eh], (upper + np.stack([0 * t, 0.16 * eh * (1 - t**2) + 0.6], 1))[::-1]])
+        lash_depth = np.stack([0 * t, 0.16 * eh * (1 - t**2) + 0.6], axis=1)
+        lash = np.concatenate([upper - [0, 0.02 * eh], (upper + lash_depth)[::-1]])
         _paint(canvas, [lash], np.array([25, 18, 16], np.float32), alpha=0.9)
         crease = upper - np.stack([0 * t, 0.45 * eh * (1 - t**2) ** 0.5 + 0.4 * eh * pose.blink], 1)
         _paint(canvas, [np.concatenate([crease, crease[::-1] + [0, 1.0]])], lit * 0.55, alpha=0.45)
@@ -567,7 +572,8 @@ def render_frame(person: Identity, scene: Scene, layers: _Layers, pose: Pose, si
     to_frame = cv2.getRotationMatrix2D((s / 2, s / 2), pose.roll, scene.scale * pose.scale)
     to_frame[:, 2] += (cx - s / 2 + pose.tx * s, cy - s / 2 + pose.ty * s)
     frame = layers.background.copy()
-    for rgb, cover, matrix in ((layers.body, layers.body_alpha, body_shift), (face * alpha[..., None], alpha, to_frame)):
+    layers_to_place = ((layers.body, layers.body_alpha, body_shift), (face * alpha[..., None], alpha, to_frame))
+    for rgb, cover, matrix in layers_to_place:
         rgb_w = cv2.warpAffine(rgb, matrix, (size, size), flags=cv2.INTER_LINEAR)
         cover_w = cv2.warpAffine(cover, matrix, (size, size), flags=cv2.INTER_LINEAR)
         frame = frame * (1 - cover_w[..., None]) + rgb_w  # premultiplied: no dark halo at the edges
@@ -714,6 +720,7 @@ def transfer_expression(target: np.ndarray, driver: np.ndarray, moved: np.ndarra
     (with head pose removed) is rescaled/rotated into the target's neutral frame and replaces the
     target's own displacement, then mapped back to the target's head pose in that frame.
     """
+    moved = np.setdiff1d(moved, STABLE)  # the pose anchors (eye corners among them) stay the target's
     target_n, target_back = _expression(target)
     driver_n, _ = _expression(driver)
     linear = similarity(driver[0][STABLE], target[0][STABLE])[:, :2]
@@ -723,7 +730,8 @@ def transfer_expression(target: np.ndarray, driver: np.ndarray, moved: np.ndarra
 
 
 # ----------------------------------------------------------------------------------------------
-# Manipulations: (target frames, target landmarks, source frames, source landmarks, rng) -> fake frames
+# Manipulations: (target frames, target landmarks, source frames, source landmarks, rng) -> fake frames.
+# rng varies each fake's settings (blend, rank, colour match) the way real fakes vary in quality.
 # ----------------------------------------------------------------------------------------------
 
 def _face_size(points: np.ndarray) -> float:
@@ -734,11 +742,12 @@ def face_swap(target: np.ndarray, target_pts: np.ndarray, donor: np.ndarray, don
               rng: np.random.Generator) -> np.ndarray:
     """Donor face warped onto the target mesh, convex-hull mask, Poisson blending (seamlessClone)."""
     triangles = triangulate(target_pts[0])
+    shrink = np.ones((k := 2 * int(rng.integers(1, 4)) + 1, k), np.uint8)
     h, w = target.shape[1:3]
     out = np.empty_like(target)
     for i in range(len(target)):
         warped, covered = piecewise_affine(donor[i], donor_pts[i], target_pts[i], triangles, (h, w))
-        mask = _hull_mask(target_pts[i], (h, w)) * (cv2.erode(covered, np.ones((5, 5), np.uint8)) > 0)
+        mask = _hull_mask(target_pts[i], (h, w)) * (cv2.erode(covered, shrink) > 0)
         mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = 0, 0, 0, 0  # seamlessClone needs a border
         x, y, bw, bh = cv2.boundingRect(mask)
         out[i] = cv2.seamlessClone(np.clip(warped + 0.5, 0, 255).astype(np.uint8), target[i], mask * 255,
@@ -758,12 +767,13 @@ def face2face(target: np.ndarray, target_pts: np.ndarray, driver: np.ndarray, dr
     target_n, _ = _expression(target_pts)
     wanted_n, _ = _expression(wanted)
     triangles = triangulate(target_pts[0])
+    softness = rng.uniform(0.02, 0.04)
     h, w = target.shape[1:3]
     out = np.empty_like(target)
     for i in range(len(target)):
         k = int(np.argmin(((target_n[:, moved] - wanted_n[i, moved]) ** 2).sum(axis=(1, 2))))
         warped, covered = piecewise_affine(target[k], target_pts[k], wanted[i], triangles, (h, w))
-        feather = max(1.0, 0.03 * _face_size(target_pts[i]))
+        feather = max(1.0, softness * _face_size(target_pts[i]))
         mask = cv2.GaussianBlur(_hull_mask(target_pts[i][OVAL], (h, w)).astype(np.float32), (0, 0), feather) * covered
         out[i] = _blend(target[i], warped, mask, _mask_box(mask))
     return out
@@ -793,7 +803,7 @@ def neural_textures(target: np.ndarray, target_pts: np.ndarray, driver: np.ndarr
     flat = textures.reshape(len(textures), -1)
     mean = flat.mean(axis=0)
     u, sig, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    rank = min(6, len(flat) - 1)
+    rank = min(int(rng.integers(4, 9)), len(flat) - 1)
     scores = u[:, :rank] * sig[:rank]
     shape = (target_n[:, LIPS] - neutral[LIPS]).reshape(len(flat), -1)
     gram = shape.T @ shape
@@ -934,7 +944,8 @@ def _real_task(out: Path, config: SynthConfig, video: Video) -> dict[str, float]
     frames_path, points_path = _cache(out, video.vid)
     _save(frames_path, frames)
     _save(points_path, points)
-    size = sum(encode_video(frames, _real_path(out, q, video.vid), QUALITY_CRF[q], config.fps) for q in config.qualities)
+    size = sum(encode_video(frames, _real_path(out, q, video.vid), QUALITY_CRF[q], config.fps)
+               for q in config.qualities)
     return {"seconds": time.perf_counter() - start, "mesh_rate": float(found.mean()), "bytes": size}
 
 

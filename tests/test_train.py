@@ -1,0 +1,110 @@
+"""End to end: DDP training on Ray Train, MLflow registration, reload by alias, `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import free_port
+from flowood_ray.cluster.train import TrainConfig
+from flowood_ray.media.shards import read_crop_images, read_videos, real_split_ids
+from flowood_ray.models.catalog import family, parse_configs
+from flowood_ray.registry import configure, list_models, load_registered, promote
+from flowood_ray.scoring.scorers import build_scorer
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "glow": {"glow": {"image_size": 32, "levels": 2, "steps_per_level": 2, "hidden_channels": 16}},
+    "vqvae": {
+        "vqvae": {"image_size": 32, "hidden_channels": 32, "res_channels": 16, "n_res_blocks": 1,
+                  "codebook_size": 32, "code_dim": 16},
+        "prior": {"channels": 32, "n_blocks": 1, "n_res_blocks": 1, "key_channels": 16, "n_heads": 2},
+    },
+}
+
+
+def _calibration_scores(run_id: str, tmp: Path):
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="calibration_scores.parquet", dst_path=tmp)
+    return pq.read_table(path)
+
+
+@pytest.mark.parametrize("family_name", ["glow", "vqvae"])
+def test_two_worker_ddp_training_registers_a_calibrated_version(
+    family_name: str, synth_crops: Path, tmp_path: Path
+) -> None:
+    from flowood_ray.cluster.train_job import train_and_register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = train_and_register(
+        synth_crops, TrainConfig(family=family_name, epochs=1, batch_size=16, workers=2), TINY[family_name],
+        f"test-{family_name}", tmp_path / "ray_results", uri,
+    )
+    configure(uri)
+    rows = [r for r in list_models() if r["name"] == f"flowood-{family_name}"]
+    assert [r["aliases"] for r in rows] == [["candidate"]]
+    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], f"val_{family(family_name).phases[-1].metric}")
+    assert history and all(np.isfinite(m.value) for m in history)
+    assert summary["calibration"]["frame"] and summary["calibration"]["video"]
+    for cal in summary["calibration"]["frame"].values():
+        assert cal["thresholds"]["0.01"] >= cal["thresholds"]["0.05"]
+
+    promote(f"flowood-{family_name}", summary["version"])
+    bundle = load_registered(f"models:/flowood-{family_name}@champion")
+    assert bundle.calibration == summary["calibration"]
+    size = family(family_name).image_size(parse_configs(family_name, TINY[family_name]))
+    images, ids = read_crop_images(synth_crops, real_split_ids(read_videos(synth_crops), "val"), size)
+    reference = _calibration_scores(summary["run_id"], tmp_path)
+    assert reference.column("video_id").to_pylist() == ids.tolist()
+    scores = build_scorer(bundle).score(images)
+    for name in summary["calibration"]["frame"]:
+        np.testing.assert_allclose(scores[name], reference.column(name).to_numpy(), rtol=0, atol=1e-5)
+    if family_name == "glow":
+        assert summary["val_bpd_glow"] < summary["val_bpd_diagonal_gaussian"]
+
+
+def test_ray_job_submit_to_a_local_head_trains_and_registers(synth_crops: Path, tmp_path: Path) -> None:
+    import ray
+
+    # `flowood cluster down` stops every Ray process here, so release this process's own Ray first.
+    ray.shutdown()
+    state = tmp_path / "cluster"
+    flowood = str(Path(sys.executable).with_name("flowood"))
+    dashboard, tracking = free_port(), free_port()
+    subprocess.run(
+        [flowood, "cluster", "up", "--state-dir", str(state), "--num-cpus", "2",
+         "--dashboard-port", str(dashboard), "--mlflow-port", str(tracking)],
+        check=True, timeout=300, capture_output=True,
+    )
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+        submit = subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(REPO), "--",
+             "python", "jobs/train_glow.py", "--data", str(synth_crops), "--epochs", "1", "--batch-size", "16",
+             "--storage", str(tmp_path / "ray_results"), "--model-config", json.dumps(TINY["glow"])],
+            env=env, timeout=600, capture_output=True, text=True,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+        uri = f"http://127.0.0.1:{tracking}"
+        configure(uri)
+        versions = [r for r in list_models() if r["name"] == "flowood-glow"]
+        assert len(versions) == 1 and versions[0]["aliases"] == ["candidate"]
+        bundle = load_registered("models:/flowood-glow@candidate")
+        images, _ = read_crop_images(synth_crops, real_split_ids(read_videos(synth_crops), "val"), 32)
+        reference = _calibration_scores(versions[0]["run_id"], tmp_path)
+        np.testing.assert_allclose(
+            build_scorer(bundle).score(images)["glow_bpd"], reference.column("glow_bpd").to_numpy(), atol=1e-5
+        )
+    finally:
+        subprocess.run([flowood, "cluster", "down", "--state-dir", str(state)], timeout=120, capture_output=True)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
