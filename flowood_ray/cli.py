@@ -120,6 +120,55 @@ def preprocess(
     typer.echo(f"shards in {out}")
 
 
+@app.command()
+def score(
+    archive: Annotated[Path, typer.Argument(help="dataset root, folder, CSV or manifest parquet")],
+    model: Annotated[list[str], typer.Option(help="models:/NAME@ALIAS or models:/NAME/VERSION; repeatable")],
+    out: Annotated[Path, typer.Option(help="output directory (frames.parquet, videos.parquet)")],
+    kind: Annotated[str, typer.Option(help="archive layout (see `flowood manifest`)")] = "auto",
+    split: Annotated[str | None, typer.Option(help="score only this split of the manifest")] = None,
+    frames: Annotated[int, typer.Option(help="frames per video (uniform sampling)")] = 32,
+    fpr: Annotated[float, typer.Option(help="verdict threshold as a real-data false-positive rate (0.01 or 0.05)")] = 0.01,
+    local: Annotated[bool, typer.Option(help="score in this process, without Ray (small jobs)")] = False,
+    workers: Annotated[int | None, typer.Option(help="scoring actors (default: all cluster CPUs)")] = None,
+    videos_per_shard: Annotated[int, typer.Option(help="videos per output shard")] = 8,
+    save_crops: Annotated[bool, typer.Option(help="keep the scored crops (for reports)")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
+) -> None:
+    """Score an archive with registered models: one row per frame and per video, with verdicts; resumable."""
+    from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
+
+    from flowood_ray.cluster.score import run_score
+
+    table = _load_manifest(archive, kind)
+    if split is not None:
+        table = table.filter(table.column("split") == split)
+        if table.num_rows == 0:
+            _fail(f"no videos in split {split!r}")
+    try:
+        videos = run_score(
+            table, out, model, SamplingConfig(num_frames=frames), fpr=fpr, local=local, workers=workers,
+            videos_per_shard=videos_per_shard, save_crops=save_crops, tracking_uri=tracking_uri, address=address,
+        )
+    except (ValidationError, ValueError, MlflowException) as exc:
+        _fail(str(exc))
+    _print_score_summary(videos)
+    typer.echo(f"scores in {out}/frames.parquet and {out}/videos.parquet")
+
+
+def _print_score_summary(videos: "pa.Table") -> None:
+    rows = videos.select(["status", "verdict", "method"]).to_pylist()
+    counts: dict[tuple[str, str, str], int] = {}
+    for row in rows:
+        key = (row["status"], row["verdict"] or "-", row["method"] or "-")
+        counts[key] = counts.get(key, 0) + 1
+    typer.echo(f"{'status':>13} {'verdict':>8} {'method':>16} {'videos':>7}")
+    for (status, verdict, method), n in sorted(counts.items()):
+        typer.echo(f"{status:>13} {verdict:>8} {method:>16} {n:7d}")
+
+
 models_app = typer.Typer(help="The MLflow model registry: list versions, move aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(help="A local Ray head (token auth) and MLflow server for `ray job submit`.",

@@ -15,12 +15,11 @@ import pyarrow.parquet as pq
 import torch
 
 from flowood_ray.cluster.train import TrainConfig, fit, system_info
-from flowood_ray.media.shards import read_crop_images, read_videos, real_split_ids
+from flowood_ray.media.shards import CONFIG_FILE, read_crop_images, read_videos, real_split_ids
 from flowood_ray.models.baselines import DiagonalGaussian
 from flowood_ray.models.catalog import family, parse_configs
 from flowood_ray.models.glow import preprocess
 from flowood_ray.registry import ModelBundle, code_version, configure, register_bundle
-from flowood_ray.scoring.aggregate import aggregate_frames
 from flowood_ray.scoring.calibration import calibrate
 from flowood_ray.scoring.scorers import build_scorer
 
@@ -41,25 +40,25 @@ def calibrate_bundle(bundle: ModelBundle, images: np.ndarray, video_ids: np.ndar
     """Fill in the bundle's statistics and calibration from real validation crops; returns the frame scores."""
     if bundle.family == "vqvae":
         scorer = build_scorer(bundle)
-        nll = torch.cat([scorer.code_nll(images[i : i + SCORE_BATCH]) for i in range(0, len(images), SCORE_BATCH)])
+        nll = torch.cat([scorer.encode(images[i : i + SCORE_BATCH])[2] for i in range(0, len(images), SCORE_BATCH)])
         flat = nll.flatten().double().numpy()
         bundle.extra["lambda_s"] = float(np.quantile(flat, LAMBDA_S_QUANTILE))
         bundle.extra["lambda_p"] = float(np.quantile(flat, LAMBDA_P_QUANTILE))
-    scorer = build_scorer(bundle)
-    scores = score_in_batches(scorer, images)
     if bundle.family == "glow":
         # Typicality needs the model's entropy estimate on real data: the mean real NLL in bits/dim.
-        bundle.extra["entropy_bpd"] = float(scores["glow_bpd"].mean())
+        bpd = score_in_batches(build_scorer(bundle), images)["glow_bpd"]
+        bundle.extra["entropy_bpd"] = float(bpd.mean())
+    scorer = build_scorer(bundle)
+    scores = score_in_batches(scorer, images)
     frame = calibrate(scores, "frame")
-    per_video = {}
-    for name, values in scores.items():
-        _, per_video[name] = aggregate_frames(video_ids, values, "mean")
+    _, per_video = scorer.aggregate(video_ids, scores)
     # Validation splits hold few videos; video thresholds are then near the sample maximum (logged).
     video = calibrate(per_video, "video", min_samples=3)
     bundle.calibration = {
         "frame": {k: v.model_dump(mode="json") for k, v in frame.items()},
         "video": {k: v.model_dump(mode="json") for k, v in video.items()},
         "video_aggregation": "mean",
+        "primary": scorer.primary,
     }
     return scores
 
@@ -122,7 +121,11 @@ def train_and_register(
     videos = read_videos(crops_dir)
     size = family(train.family).image_size(parsed)
     val_images, val_ids = read_crop_images(crops_dir, real_split_ids(videos, "val"), size)
-    bundle = ModelBundle(family=train.family, configs=configs, modules=modules, code_version=code_version())
+    # Scoring must crop faces exactly as the training crops were made (margin, alignment).
+    crop_config = json.loads((Path(crops_dir) / CONFIG_FILE).read_text())["crop"]
+    bundle = ModelBundle(
+        family=train.family, configs=configs, modules=modules, code_version=code_version(), extra={"crop": crop_config}
+    )
     scores = calibrate_bundle(bundle, val_images, val_ids)
     summary: dict[str, Any] = {"run_id": run_id, "val_frames": len(val_images)}
     if train.family == "glow":

@@ -1,12 +1,12 @@
-"""Face-crop shards on disk, written so that a killed job can be rerun safely.
+"""Sharded job outputs on disk, written so that a killed job can be rerun safely.
 
-Layout of an output directory:
-  crops/part-<id>.parquet    crop rows of the videos in shard <id>
+Layout of an output directory (preprocessing writes `crops/`, scoring writes `frames/`):
+  <data>/part-<id>.parquet   per-frame rows of the videos in shard <id>
   videos/part-<id>.parquet   one status row per video of shard <id>; its presence commits the shard
   _tmp/                      files being written; anything left here is from a killed run
-  preprocess.json            the configuration every shard was made with
+  <job>.json                 the configuration every shard was made with
 
-Both files are written under _tmp and renamed into place, crops first. A crops file without
+Both files are written under _tmp and renamed into place, data first. A data file without
 its videos file is an interrupted commit and is deleted before a rerun, so every video ends
 up in exactly one committed shard.
 """
@@ -38,31 +38,49 @@ def shard_id(video_ids: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:16]
 
 
-def prepare_output(out: Path, config: Mapping[str, object]) -> None:
+def prepare_output(
+    out: Path, config: Mapping[str, object], config_file: str = CONFIG_FILE, data_dir: str = "crops",
+    videos_dir: str = "videos",
+) -> None:
     """Create the layout, refuse to mix configurations, and drop what a killed run left behind."""
     out = Path(out)
-    for sub in ("crops", "videos", "_tmp"):
+    for sub in (data_dir, videos_dir, "_tmp"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    config_path = out / CONFIG_FILE
+    config_path = out / config_file
     if config_path.exists():
         previous = json.loads(config_path.read_text())
         if previous != json.loads(json.dumps(config)):
             raise ValueError(
-                f"{out} holds crops made with another configuration ({config_path}); use a new output directory"
+                f"{out} holds results made with another configuration ({config_path}); use a new output directory"
             )
     else:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
     shutil.rmtree(out / "_tmp")
     (out / "_tmp").mkdir()
-    committed = {p.name for p in (out / "videos").glob("part-*.parquet")}
-    for orphan in (out / "crops").glob("part-*.parquet"):
+    committed = {p.name for p in (out / videos_dir).glob("part-*.parquet")}
+    for orphan in (out / data_dir).glob("part-*.parquet"):
         if orphan.name not in committed:
             log.info("removing uncommitted shard %s", orphan.name)
             orphan.unlink()
 
 
-def done_video_ids(out: Path) -> set[str]:
-    files = sorted((Path(out) / "videos").glob("part-*.parquet"))
+def temp_paths(out: Path, video_ids: Sequence[str], data_dir: str = "crops") -> tuple[str, Path, Path]:
+    """(shard file name, temp data path, temp videos path) for a shard of these videos."""
+    name = f"part-{shard_id(video_ids)}.parquet"
+    tmp = Path(out) / "_tmp"
+    return name, tmp / f"{data_dir}-{name}.{os.getpid()}", tmp / f"videos-{name}.{os.getpid()}"
+
+
+def commit_shard(
+    out: Path, name: str, tmp_data: Path, tmp_videos: Path, data_dir: str = "crops", videos_dir: str = "videos"
+) -> None:
+    """Rename data then videos into place: the videos file is the commit marker."""
+    os.replace(tmp_data, Path(out) / data_dir / name)
+    os.replace(tmp_videos, Path(out) / videos_dir / name)
+
+
+def done_video_ids(out: Path, videos_dir: str = "videos") -> set[str]:
+    files = sorted((Path(out) / videos_dir).glob("part-*.parquet"))
     if not files:
         return set()
     return set(pq.ParquetDataset(files).read(columns=["video_id"]).column("video_id").to_pylist())
@@ -70,31 +88,26 @@ def done_video_ids(out: Path) -> set[str]:
 
 def write_shard(out: Path, rows: Iterable[Mapping[str, object]], cropper: VideoCropper) -> list[dict[str, object]]:
     """Crop every row into one shard and commit it; returns the video status rows."""
-    out = Path(out)
     rows = list(rows)
-    sid = shard_id([str(r["video_id"]) for r in rows])
-    name = f"part-{sid}.parquet"
-    tmp_crops = out / "_tmp" / f"crops-{name}.{os.getpid()}"
-    tmp_videos = out / "_tmp" / f"videos-{name}.{os.getpid()}"
+    name, tmp_crops, tmp_videos = temp_paths(out, [str(r["video_id"]) for r in rows])
     results = []
     try:
         with pq.ParquetWriter(tmp_crops, CROP_SCHEMA, compression="zstd") as writer:
             for row in rows:
                 results.append(cropper.process(row, writer.write_table))
         pq.write_table(pa.Table.from_pylist(results, schema=VIDEO_SCHEMA), tmp_videos, compression="zstd")
-        os.replace(tmp_crops, out / "crops" / name)
-        os.replace(tmp_videos, out / "videos" / name)
+        commit_shard(out, name, tmp_crops, tmp_videos)
     finally:
         for leftover in (tmp_crops, tmp_videos):
             leftover.unlink(missing_ok=True)
     return results
 
 
-def read_videos(out: Path) -> pa.Table:
+def read_videos(out: Path, schema: pa.Schema = VIDEO_SCHEMA) -> pa.Table:
     files = sorted((Path(out) / "videos").glob("part-*.parquet"))
     if not files:
-        return VIDEO_SCHEMA.empty_table()
-    return pq.ParquetDataset(files, schema=VIDEO_SCHEMA).read()
+        return schema.empty_table()
+    return pq.ParquetDataset(files, schema=schema).read()
 
 
 def crop_dataset(out: Path) -> pads.Dataset:

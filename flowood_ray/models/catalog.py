@@ -50,6 +50,23 @@ def _glow_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torc
     return loss, {"bpd": float(loss.detach())}
 
 
+def mutate_pixels(images: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
+    """Replace each sub-pixel by a uniform random value with probability `rate` (Ren et al. 2019):
+    the background model trained on such inputs learns population statistics, not face semantics."""
+    noise = torch.randint(0, 256, images.shape, generator=generator, dtype=torch.uint8, device="cpu").to(images.device)
+    flip = torch.rand(images.shape, generator=generator, device="cpu").to(images.device) < rate
+    return torch.where(flip, noise, images)
+
+
+BACKGROUND_MUTATION_RATE = 0.2
+
+
+def _background_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    mutated = mutate_pixels(images, BACKGROUND_MUTATION_RATE, generator)
+    loss, metrics = _glow_loss({"glow": modules["background"]}, mutated, generator)
+    return loss, {"background_bpd": metrics["bpd"]}
+
+
 def _vqvae_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
     vqvae = modules["vqvae"]
     config: VQVAEConfig = getattr(vqvae, "module", vqvae).config
@@ -72,8 +89,11 @@ def _prior_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: tor
 
 FAMILIES: dict[str, Family] = {
     "glow": Family(
-        components={"glow": (GlowConfig, Glow)},
-        phases=(Phase("glow", "glow", _glow_loss, "bpd"),),
+        components={"glow": (GlowConfig, Glow), "background": (GlowConfig, Glow)},
+        phases=(
+            Phase("glow", "glow", _glow_loss, "bpd"),
+            Phase("background", "background", _background_loss, "background_bpd"),
+        ),
         image_size=lambda c: c["glow"].image_size,  # type: ignore[attr-defined]
     ),
     "vqvae": Family(
@@ -98,6 +118,9 @@ def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[s
     if unknown:
         raise ValueError(f"family {name!r} has no components {sorted(unknown)}; it has {sorted(fam.components)}")
     parsed = {comp: cls(**configs.get(comp, {})) for comp, (cls, _) in fam.components.items()}
+    if name == "glow" and "background" not in configs:
+        # The likelihood ratio compares two densities of the same inputs: same architecture by default.
+        parsed["background"] = parsed["glow"]
     if name == "vqvae":
         vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
         prior = dict(configs.get("prior", {}))

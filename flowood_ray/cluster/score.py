@@ -1,0 +1,313 @@
+"""Archive scoring: manifest -> face crops -> registered scorers -> per-frame and per-video rows.
+
+Output directory:
+  frames.parquet/part-<id>.parquet   one row per scored face crop, a column per score
+  videos.parquet/part-<id>.parquet   one row per input video: status, video scores, verdict, threshold,
+                                     model versions; its presence commits the shard (see media/shards.py)
+  score.json                         models (resolved to versions), sampling and cropping
+
+On CPU-only clusters each actor decodes, crops, scores and writes its shard: nothing but paths
+and small status rows crosses the object store. When the cluster has GPUs, CPU actors crop and
+GPU actors score, with one video's crops (bounded by the frame cap) per row between them.
+`local=True` runs the same shard code in this process, without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field, model_validator
+
+from flowood_ray.media.facecrop import CROP_SCHEMA, VIDEO_SCHEMA, VideoCropper, crops_to_array
+from flowood_ray.media.faces import CropConfig
+from flowood_ray.media.sampling import SamplingConfig
+from flowood_ray.media.shards import commit_shard, done_video_ids, prepare_output, temp_paths
+from flowood_ray.registry import configure, load_registered, resolve_version
+from flowood_ray.scoring.scorers import Scorer, build_scorer
+
+log = logging.getLogger(__name__)
+
+FRAMES_DIR, VIDEOS_DIR, CONFIG_FILE = "frames.parquet", "videos.parquet", "score.json"
+SCORABLE = ("ok", "decode_error")  # a decoder failure mid-way still leaves valid crops to score
+
+
+class ResolvedModel(BaseModel):
+    uri: str
+    name: str
+    version: str
+
+
+class ScoreConfig(BaseModel):
+    models: list[ResolvedModel]
+    sampling: SamplingConfig = SamplingConfig()
+    crop: CropConfig = CropConfig()
+    fpr: float = Field(0.01, description="verdict threshold: a false-positive rate calibrated on real data")
+    score_batch: int = Field(64, ge=1)
+    save_crops: bool = Field(False, description="keep the scored crops in frames.parquet (for reports)")
+
+    @model_validator(mode="after")
+    def _bounded_frames(self) -> "ScoreConfig":
+        # Crops of one video are scored together, so their number must be bounded whatever the video.
+        if self.sampling.mode != "uniform" and self.sampling.max_frames is None:
+            raise ValueError("scoring needs a bounded number of frames per video: set max_frames")
+        if not self.models:
+            raise ValueError("at least one model is needed")
+        return self
+
+
+def resolve_models(uris: Sequence[str]) -> list[ResolvedModel]:
+    """Aliases are resolved once, on the driver, so every actor scores with the same versions."""
+    resolved = []
+    for uri in uris:
+        name, version = resolve_version(uri)
+        resolved.append(ResolvedModel(uri=uri, name=name, version=version))
+    return resolved
+
+
+def crop_config_of(bundles: Sequence[Any]) -> CropConfig:
+    """The cropping the models were trained on; models trained on different crops cannot share a run."""
+    configs = {json.dumps(b.extra.get("crop", {}), sort_keys=True) for b in bundles}
+    if len(configs) > 1:
+        raise ValueError("the models were trained on differently made crops; score them in separate runs")
+    return CropConfig(**bundles[0].extra.get("crop", {}))
+
+
+class ShardScorer:
+    """Crops and scores batches of videos and commits each batch as one shard.
+
+    Used as a Ray Data actor and, unchanged, by the local single-process loop."""
+
+    def __init__(self, out: str, config: dict, tracking_uri: str, device: str = "cpu", crop: bool = True,
+                 score: bool = True) -> None:
+        import cv2
+
+        cv2.setNumThreads(1)
+        self.out = Path(out)
+        self.config = ScoreConfig(**config)
+        configure(tracking_uri)
+        self.cropper = VideoCropper(self.config.sampling, self.config.crop) if crop else None
+        self.scorers: list[Scorer] = []
+        if score:
+            for model in self.config.models:
+                bundle = load_registered(f"models:/{model.name}/{model.version}", device=device)
+                self.scorers.append(build_scorer(bundle, device))
+            probe = np.zeros((1, 8, 8, 3), np.uint8)
+            self.score_names = [name for scorer in self.scorers for name in scorer.score(probe)]
+            if len(set(self.score_names)) != len(self.score_names):
+                raise ValueError(f"two models produce the same score names {self.score_names}; score them apart")
+
+    def crop(self, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """One item per video: its status row and its crops (bounded by the sampling cap)."""
+        assert self.cropper is not None
+        items = []
+        for row in rows:
+            tables: list[pa.Table] = []
+            status = self.cropper.process(row, tables.append)
+            crops = pa.concat_tables(tables) if tables else CROP_SCHEMA.empty_table()
+            items.append({"video": status, "crops": crops})
+        return items
+
+    def score_and_commit(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        video_rows, frame_tables = [], []
+        for item in items:
+            video_row, frames = self._score_video(item["video"], item["crops"])
+            video_rows.append(video_row)
+            if frames is not None:
+                frame_tables.append(frames)
+        name, tmp_frames, tmp_videos = temp_paths(self.out, [r["video_id"] for r in video_rows], FRAMES_DIR)
+        try:
+            frames = pa.concat_tables(frame_tables) if frame_tables else self._frame_schema().empty_table()
+            pq.write_table(frames, tmp_frames, compression="zstd")
+            pq.write_table(pa.Table.from_pylist(video_rows, schema=self._video_schema()), tmp_videos)
+            commit_shard(self.out, name, tmp_frames, tmp_videos, FRAMES_DIR, VIDEOS_DIR)
+        finally:
+            tmp_frames.unlink(missing_ok=True)
+            tmp_videos.unlink(missing_ok=True)
+        log.debug("scored %d videos in %.2f s", len(items), time.perf_counter() - started)
+        return [{"video_id": r["video_id"], "status": r["status"], "verdict": r["verdict"]} for r in video_rows]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        return pa.Table.from_pylist(self.score_and_commit(self.crop(rows)))
+
+    def _frame_schema(self) -> pa.Schema:
+        fields = [pa.field("video_id", pa.string()), pa.field("frame_index", pa.int32()),
+                  pa.field("timestamp_s", pa.float32()), pa.field("keypoints", pa.list_(pa.float32(), 12))]
+        fields += [pa.field(name, pa.float64()) for name in self.score_names]
+        if self.config.save_crops:
+            fields.append(pa.field("crop", pa.binary()))
+        return pa.schema(fields)
+
+    def _video_schema(self) -> pa.Schema:
+        fields = list(VIDEO_SCHEMA) + [pa.field("frames_scored", pa.int32())]
+        fields += [pa.field(name, pa.float64()) for name in self.score_names]
+        fields += [pa.field("verdict", pa.string()), pa.field("verdict_score", pa.string()),
+                   pa.field("threshold", pa.float64()), pa.field("models", pa.string())]
+        return pa.schema(fields)
+
+    def _score_video(self, video: Mapping[str, Any], crops: pa.Table) -> tuple[dict[str, Any], pa.Table | None]:
+        primary = self.scorers[0]
+        models = json.dumps([{"name": m.name, "version": m.version} for m in self.config.models])
+        row = {**video, "frames_scored": 0, "verdict": None, "verdict_score": primary.primary, "threshold": None,
+               "models": models}
+        if video["status"] not in SCORABLE or crops.num_rows == 0:
+            return row, None
+        images = crops_to_array(crops, self.config.crop.size)
+        frame_scores: dict[str, np.ndarray] = {}
+        for scorer in self.scorers:
+            parts = [scorer.score(images[i : i + self.config.score_batch])
+                     for i in range(0, len(images), self.config.score_batch)]
+            batch_scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            frame_scores.update(batch_scores)
+            ids = np.full(len(images), video["video_id"])
+            _, video_scores = scorer.aggregate(ids, batch_scores)
+            row.update({k: float(v[0]) for k, v in video_scores.items()})
+        calibration = primary.bundle.calibration["video"][primary.primary]
+        threshold = calibration["thresholds"][str(self.config.fpr)]
+        row.update(
+            frames_scored=len(images), threshold=threshold,
+            verdict="fake" if row[primary.primary] > threshold else "real",
+        )
+        columns: dict[str, Any] = {
+            "video_id": crops.column("video_id"), "frame_index": crops.column("frame_index"),
+            "timestamp_s": crops.column("timestamp_s"), "keypoints": crops.column("keypoints"),
+            **{k: pa.array(v, pa.float64()) for k, v in frame_scores.items()},
+        }
+        if self.config.save_crops:
+            columns["crop"] = crops.column("crop")
+        return row, pa.table(columns, schema=self._frame_schema())
+
+
+def read_scores(out: Path) -> tuple[pa.Table, pa.Table]:
+    """(videos, frames) of a scoring output directory."""
+    out = Path(out)
+    tables = []
+    for sub in (VIDEOS_DIR, FRAMES_DIR):
+        files = sorted((out / sub).glob("part-*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{out / sub} holds no committed shards")
+        tables.append(pq.ParquetDataset(files).read())
+    return tables[0], tables[1]
+
+
+def run_score(
+    manifest: pa.Table,
+    out: Path,
+    model_uris: Sequence[str],
+    sampling: SamplingConfig,
+    fpr: float = 0.01,
+    local: bool = False,
+    workers: int | None = None,
+    videos_per_shard: int = 8,
+    save_crops: bool = False,
+    split_stages: bool | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+) -> pa.Table:
+    """Score every manifest video not yet in `out`; returns all video rows of `out`."""
+    uri = configure(tracking_uri)
+    resolved = resolve_models(model_uris)
+    bundles = [load_registered(f"models:/{m.name}/{m.version}") for m in resolved]
+    for bundle in bundles:
+        if str(fpr) not in bundle.calibration["video"][build_scorer(bundle).primary]["thresholds"]:
+            raise ValueError(f"{bundle.model_id} has no threshold calibrated at fpr={fpr}")
+    config = ScoreConfig(
+        models=resolved, sampling=sampling, crop=crop_config_of(bundles), fpr=fpr, save_crops=save_crops
+    )
+    out = Path(out).resolve()
+    # Versions, not aliases, define a run: a moved alias must not mix two models in one output.
+    prepare_output(out, config.model_dump(mode="json"), CONFIG_FILE, FRAMES_DIR, VIDEOS_DIR)
+    done = done_video_ids(out, VIDEOS_DIR)
+    todo = [row for row in manifest.to_pylist() if row["video_id"] not in done]
+    log.info("%d videos in manifest, %d already scored, %d to score with %s", manifest.num_rows, len(done),
+             len(todo), ", ".join(f"{m.name}/{m.version}" for m in resolved))
+    if todo and local:
+        _score_locally(todo, out, config, uri, videos_per_shard)
+    elif todo:
+        _score_on_ray(todo, out, config, uri, workers, videos_per_shard, split_stages, address)
+    videos, _ = read_scores(out)
+    return videos
+
+
+def _score_locally(todo: list[dict], out: Path, config: ScoreConfig, uri: str, per_shard: int) -> None:
+    worker = ShardScorer(str(out), config.model_dump(mode="json"), uri)
+    for start in range(0, len(todo), per_shard):
+        worker.score_and_commit(worker.crop(todo[start : start + per_shard]))
+        log.info("scored %d / %d videos", min(start + per_shard, len(todo)), len(todo))
+
+
+def _score_on_ray(todo: list[dict], out: Path, config: ScoreConfig, uri: str, workers: int | None, per_shard: int,
+                  split_stages: bool | None, address: str | None) -> None:
+    import ray
+
+    from flowood_ray.cluster.runtime import cluster_cpus, init_ray
+
+    init_ray(address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    split = gpus > 0 if split_stages is None else split_stages
+    workers = workers or cluster_cpus()
+    kwargs = {"out": str(out), "config": config.model_dump(mode="json"), "tracking_uri": uri}
+    blocks = max(1, min(-(-len(todo) // per_shard), 64 * workers))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    if not split:
+        ds = ds.map_batches(ShardScorer, fn_constructor_kwargs=kwargs, batch_size=per_shard, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+    else:
+        croppers = max(1, workers - (0 if gpus else 1))
+        ds = ds.map_batches(
+            CropStage, fn_constructor_kwargs={**kwargs, "score": False}, batch_size=per_shard, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=croppers), num_cpus=1,
+        ).map_batches(
+            ScoreStage, fn_constructor_kwargs={**kwargs, "device": "cuda" if gpus else "cpu", "crop": False},
+            batch_size=per_shard, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=max(1, gpus)),
+            num_gpus=1 if gpus else 0, num_cpus=0 if not gpus else 1,
+        )
+    counts: dict[str, int] = {}
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for status, verdict in zip(batch.column("status").to_pylist(), batch.column("verdict").to_pylist()):
+            key = verdict or status
+            counts[key] = counts.get(key, 0) + 1
+    log.info("scored %d videos: %s", sum(counts.values()), counts)
+
+
+class CropStage(ShardScorer):
+    """CPU stage of the split pipeline: one row per video with its status and crops."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = self.crop(batch.to_pylist())
+        return pa.table({
+            "video": [json.dumps(item["video"]) for item in items],
+            "crops": [_table_bytes(item["crops"]) for item in items],
+        })
+
+
+class ScoreStage(ShardScorer):
+    """GPU stage of the split pipeline: scores the cropped videos and commits the shard."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = [
+            {"video": json.loads(video), "crops": _table_from_bytes(crops)}
+            for video, crops in zip(batch.column("video").to_pylist(), batch.column("crops").to_pylist())
+        ]
+        return pa.Table.from_pylist(self.score_and_commit(items))
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _table_from_bytes(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
