@@ -17,7 +17,13 @@ import shutil
 import time
 from pathlib import Path
 
+import sys
+
 import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import synthetic_archive  # noqa: E402
 
 from flowood_ray.cluster.preprocess import run_preprocess
 from flowood_ray.media.datasets import build_manifest
@@ -26,7 +32,6 @@ from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.facecrop import VideoCropper
 from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.media.shards import prepare_output, write_shard
-from flowood_ray.media.synth import SynthConfig, generate_benchmark
 
 SAMPLING = SamplingConfig(mode="all")
 CROP = CropConfig(size=128, detect_every=5)
@@ -69,11 +74,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench_out/preprocess"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    archive = args.archive
-    if archive is None:
-        archive = args.workdir / "archive"
-        if not (archive / "synth_meta.json").exists():
-            generate_benchmark(archive, SynthConfig(identities=4, videos_per_identity=2, frames=96, size=384, seed=1))
+    archive = args.archive or synthetic_archive(args.workdir, identities=6, frames=96)
     manifest = build_manifest(archive)
     rows = manifest.to_pylist()
     print(f"archive: {archive} ({len(rows)} videos)")

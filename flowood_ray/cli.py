@@ -19,6 +19,10 @@ app = typer.Typer(help="Deepfake detection as out-of-distribution detection, on 
 log = logging.getLogger("flowood")
 
 
+TrackingOption = Annotated[str | None, typer.Option(help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")]
+StateOption = Annotated[Path, typer.Option(help="where the local cluster keeps its state")]
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
     logging.basicConfig(
@@ -144,7 +148,9 @@ def score(
 
     table = _load_manifest(archive, kind)
     if split is not None:
-        table = table.filter(table.column("split") == split)
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table.column("split"), split))
         if table.num_rows == 0:
             _fail(f"no videos in split {split!r}")
     try:
@@ -169,14 +175,52 @@ def _print_score_summary(videos: "pa.Table") -> None:
         typer.echo(f"{status:>13} {verdict:>8} {method:>16} {n:7d}")
 
 
+@app.command("evaluate")
+def evaluate_command(
+    scores_dir: Annotated[Path, typer.Argument(help="output directory of `flowood score`")],
+    labels: Annotated[Path | None, typer.Option(help="labels: manifest parquet, CSV or archive (default: as scored)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where metrics.json and report.html go (default: SCORES_DIR)")] = None,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for confidence intervals")] = 200,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """AUROC, AUPR-in/out, FPR@95TPR and EER per score and manipulation method, with an HTML report."""
+    from flowood_ray.evaluate import evaluate, format_table
+
+    try:
+        rows = evaluate(scores_dir, labels, out, bootstrap, tracking_uri)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(format_table(rows, "video"))
+    typer.echo(format_table(rows, "frame"))
+    typer.echo(f"report: {(out or scores_dir) / 'report.html'}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="everything the demo makes goes here")] = Path("demo_out"),
+    identities: Annotated[int, typer.Option(help="synthetic identities")] = 8,
+    epochs: Annotated[int | None, typer.Option(help="training epochs per phase (default: the demo's)")] = None,
+) -> None:
+    """Synthesise an archive, preprocess, train, register, score the test split and write a report."""
+    from flowood_ray.demo import DemoConfig, run_demo
+    from flowood_ray.evaluate import format_table
+
+    config = DemoConfig(identities=identities)
+    if epochs is not None:
+        config = config.model_copy(update={"glow_epochs": epochs, "vqvae_epochs": epochs})
+    result = run_demo(workdir, config)
+    typer.echo(format_table(result["rows"], "video"))
+    typer.echo(format_table(result["rows"], "frame"))
+    typer.echo(f"timings (s): {json.dumps(result['timings_s'])}")
+    typer.echo(f"report: {result['report']}")
+
+
 models_app = typer.Typer(help="The MLflow model registry: list versions, move aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(help="A local Ray head (token auth) and MLflow server for `ray job submit`.",
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 
-TrackingOption = Annotated[str | None, typer.Option(help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")]
-StateOption = Annotated[Path, typer.Option(help="where the local cluster keeps its state")]
 
 
 @models_app.command("list")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flowood_ray.cluster.train import TrainConfig
 from flowood_ray.cluster.train_job import train_and_register
+from flowood_ray.media.facecrop import ModelInput
 
 
 def main(argv: list[str] | None = None, family: str | None = None) -> dict:
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None, family: str | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="DDP workers")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--face-fraction", type=float, default=1.0, help="central part of each crop the model sees")
+    parser.add_argument("--highpass", action="store_true", help="model the high-frequency residual of the crops")
     parser.add_argument("--model-config", type=json.loads, default={}, help='JSON, e.g. {"glow": {"levels": 3}}')
     parser.add_argument("--run-name", help="reuse a name to resume a killed run (default: FAMILY-DATA)")
     parser.add_argument("--storage", type=Path, default=Path("ray_results"), help="checkpoints (shared storage)")
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None, family: str | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train = TrainConfig(
         family=family, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
-        use_gpu=args.gpu, seed=args.seed,
+        use_gpu=args.gpu, seed=args.seed, input=ModelInput(face_fraction=args.face_fraction, highpass=args.highpass),
     )
     summary = train_and_register(
         args.data, train, args.model_config, args.run_name or f"{family}-{args.data.resolve().name}",

@@ -112,3 +112,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+TINY_MODELS = {
+    "glow": {"glow": {"image_size": 32, "levels": 2, "steps_per_level": 2, "hidden_channels": 16}},
+    "vqvae": {
+        "vqvae": {"image_size": 32, "hidden_channels": 32, "res_channels": 16, "n_res_blocks": 1,
+                  "codebook_size": 32, "code_dim": 16},
+        "prior": {"channels": 32, "n_blocks": 1, "n_res_blocks": 1, "key_channels": 16, "n_heads": 2},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny Glow and VQ-VAE trained with 2 DDP workers and registered in a session SQLite MLflow."""
+    from flowood_ray.cluster.train import TrainConfig
+    from flowood_ray.cluster.train_job import train_and_register
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    summaries = {
+        name: train_and_register(
+            synth_crops, TrainConfig(family=name, epochs=1, batch_size=16, workers=2), TINY_MODELS[name],
+            f"test-{name}", root / "ray_results", uri,
+        )
+        for name in ("glow", "vqvae")
+    }
+    return {"tracking_uri": uri, "summaries": summaries, "root": root}

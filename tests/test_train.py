@@ -13,8 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port
-from flowood_ray.cluster.train import TrainConfig
+from conftest import TINY_MODELS, free_port
 from flowood_ray.media.shards import read_crop_images, read_videos, real_split_ids
 from flowood_ray.models.catalog import family, parse_configs
 from flowood_ray.registry import configure, list_models, load_registered, promote
@@ -22,15 +21,6 @@ from flowood_ray.scoring.scorers import build_scorer
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
-
-TINY = {
-    "glow": {"glow": {"image_size": 32, "levels": 2, "steps_per_level": 2, "hidden_channels": 16}},
-    "vqvae": {
-        "vqvae": {"image_size": 32, "hidden_channels": 32, "res_channels": 16, "n_res_blocks": 1,
-                  "codebook_size": 32, "code_dim": 16},
-        "prior": {"channels": 32, "n_blocks": 1, "n_res_blocks": 1, "key_channels": 16, "n_heads": 2},
-    },
-}
 
 
 def _calibration_scores(run_id: str, tmp: Path):
@@ -40,28 +30,22 @@ def _calibration_scores(run_id: str, tmp: Path):
 
 @pytest.mark.parametrize("family_name", ["glow", "vqvae"])
 def test_two_worker_ddp_training_registers_a_calibrated_version(
-    family_name: str, synth_crops: Path, tmp_path: Path
+    family_name: str, synth_crops: Path, trained_models: dict, tmp_path: Path
 ) -> None:
-    from flowood_ray.cluster.train_job import train_and_register
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = train_and_register(
-        synth_crops, TrainConfig(family=family_name, epochs=1, batch_size=16, workers=2), TINY[family_name],
-        f"test-{family_name}", tmp_path / "ray_results", uri,
-    )
+    uri, summary = trained_models["tracking_uri"], trained_models["summaries"][family_name]
     configure(uri)
     rows = [r for r in list_models() if r["name"] == f"flowood-{family_name}"]
-    assert [r["aliases"] for r in rows] == [["candidate"]]
+    assert rows and "candidate" in rows[-1]["aliases"]
     history = mlflow.MlflowClient().get_metric_history(summary["run_id"], f"val_{family(family_name).phases[-1].metric}")
     assert history and all(np.isfinite(m.value) for m in history)
     assert summary["calibration"]["frame"] and summary["calibration"]["video"]
     for cal in summary["calibration"]["frame"].values():
         assert cal["thresholds"]["0.01"] >= cal["thresholds"]["0.05"]
 
-    promote(f"flowood-{family_name}", summary["version"])
-    bundle = load_registered(f"models:/flowood-{family_name}@champion")
+    promote(f"flowood-{family_name}", summary["version"], alias="test-champion")
+    bundle = load_registered(f"models:/flowood-{family_name}@test-champion")
     assert bundle.calibration == summary["calibration"]
-    size = family(family_name).image_size(parse_configs(family_name, TINY[family_name]))
+    size = family(family_name).image_size(parse_configs(family_name, TINY_MODELS[family_name]))
     images, ids = read_crop_images(synth_crops, real_split_ids(read_videos(synth_crops), "val"), size)
     reference = _calibration_scores(summary["run_id"], tmp_path)
     assert reference.column("video_id").to_pylist() == ids.tolist()
@@ -90,7 +74,7 @@ def test_ray_job_submit_to_a_local_head_trains_and_registers(synth_crops: Path, 
         submit = subprocess.run(
             [str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(REPO), "--",
              "python", "jobs/train_glow.py", "--data", str(synth_crops), "--epochs", "1", "--batch-size", "16",
-             "--storage", str(tmp_path / "ray_results"), "--model-config", json.dumps(TINY["glow"])],
+             "--storage", str(tmp_path / "ray_results"), "--model-config", json.dumps(TINY_MODELS["glow"])],
             env=env, timeout=600, capture_output=True, text=True,
         )
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from flowood_ray.cluster.runtime import init_ray
-from flowood_ray.media.facecrop import crops_to_array, resize_crops
+from flowood_ray.media.facecrop import ModelInput, crops_to_array, model_input
 from flowood_ray.media.shards import crop_size, read_videos, real_split_ids
 from flowood_ray.models.catalog import build_modules, family, parse_configs
 
@@ -45,9 +46,10 @@ class TrainConfig(BaseModel):
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0)
     shuffle_buffer: int = Field(2048, ge=0)
+    input: ModelInput = ModelInput()
 
 
-def crop_datasets(crops_dir: Path, image_size: int) -> dict[str, ray.data.Dataset]:
+def crop_datasets(crops_dir: Path, image_size: int, input_config: ModelInput) -> dict[str, ray.data.Dataset]:
     """Ray datasets of real train and val crops, resized to the model's input size."""
     videos = read_videos(crops_dir)
     ids = {split: real_split_ids(videos, split) for split in ("train", "val")}
@@ -61,17 +63,20 @@ def crop_datasets(crops_dir: Path, image_size: int) -> dict[str, ray.data.Datase
     # cluster, and a lazy read would wait forever for one.
     return {
         split: base.map_batches(
-            _select_images, fn_kwargs={"ids": chosen, "crop_size": size, "image_size": image_size},
+            _select_images,
+            fn_kwargs={"ids": chosen, "crop_size": size, "image_size": image_size, "config": input_config},
             batch_format="pyarrow",
         ).materialize()
         for split, chosen in ids.items()
     }
 
 
-def _select_images(batch: pa.Table, ids: list[str], crop_size: int, image_size: int) -> dict[str, np.ndarray]:
+def _select_images(
+    batch: pa.Table, ids: list[str], crop_size: int, image_size: int, config: ModelInput
+) -> dict[str, np.ndarray]:
     rows = batch.filter(pc.is_in(batch.column("video_id"), value_set=pa.array(ids)))
     images = crops_to_array(rows, crop_size) if rows.num_rows else np.zeros((0, crop_size, crop_size, 3), np.uint8)
-    return {"image": resize_crops(images, image_size)}
+    return {"image": model_input(images, image_size, config)}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -112,7 +117,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 continue
             modules[phase.trains].train()
             train_sums: dict[str, float] = {}
-            batches = 0
+            batches = samples = 0
+            epoch_start = time.perf_counter()
             for batch in train_shard.iter_torch_batches(
                 batch_size=tc.batch_size, local_shuffle_buffer_size=tc.shuffle_buffer or None,
                 local_shuffle_seed=tc.seed + epoch, device=device, dtypes=torch.uint8, drop_last=False,
@@ -135,13 +141,18 @@ def _train_loop(config: dict[str, Any]) -> None:
                 for k, v in metrics.items():
                     train_sums[k] = train_sums.get(k, 0.0) + v
                 batches += 1
+                samples += len(images)
+            throughput = samples * ctx.get_world_size() / (time.perf_counter() - epoch_start)
             val = _validate(phase, modules, val_shard, tc, device)
             if dist.is_available() and dist.is_initialized():
                 totals = torch.tensor([val[0], val[1], float(batches)], dtype=torch.float64)
                 dist.all_reduce(totals)
                 val = (float(totals[0]), float(totals[1]))
             report = {f"train_{k}": v / max(batches, 1) for k, v in train_sums.items()}
-            report.update({f"val_{phase.metric}": val[0] / max(val[1], 1.0), "epoch": epoch, "phase": phase.name})
+            report.update({
+                f"val_{phase.metric}": val[0] / max(val[1], 1.0), "epoch": epoch, "phase": phase.name,
+                "train_samples_per_s": throughput,
+            })
             if optimizer is not None:
                 optim_states[phase.name] = optimizer.state_dict()
             _report(rank, epoch, modules, optim_states, report, client, config["run_id"])
@@ -195,11 +206,11 @@ def fit(
     tracking_uri: str,
     run_id: str,
     address: str | None = None,
-) -> dict[str, torch.nn.Module]:
-    """Run DDP training and return the modules of the last checkpoint, on CPU."""
+) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
+    """Run DDP training; returns the modules of the last checkpoint (on CPU) and the last reported metrics."""
     init_ray(address)
     parsed = parse_configs(train.family, model_configs)
-    datasets = crop_datasets(Path(crops_dir), family(train.family).image_size(parsed))
+    datasets = crop_datasets(Path(crops_dir), family(train.family).image_size(parsed), train.input)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -223,4 +234,4 @@ def fit(
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
         module.eval()
-    return modules
+    return modules, dict(result.metrics or {})

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from flowood_ray.cluster.train import TrainConfig, fit, system_info
+from flowood_ray.media.facecrop import model_input
 from flowood_ray.media.shards import CONFIG_FILE, read_crop_images, read_videos, real_split_ids
 from flowood_ray.models.baselines import DiagonalGaussian
 from flowood_ray.models.catalog import family, parse_configs
@@ -116,21 +117,24 @@ def train_and_register(
         mlflow.log_dict(configs, "model_configs.json")
         mlflow.log_param("code_version", code_version())
         mlflow.log_param("crops_dir", str(Path(crops_dir).resolve()))
-    modules = fit(crops_dir, train, configs, run_name, storage_path, uri, run_id, address)
+    modules, _ = fit(crops_dir, train, configs, run_name, storage_path, uri, run_id, address)
 
     videos = read_videos(crops_dir)
     size = family(train.family).image_size(parsed)
-    val_images, val_ids = read_crop_images(crops_dir, real_split_ids(videos, "val"), size)
+    val_images, val_ids = read_crop_images(crops_dir, real_split_ids(videos, "val"))
     # Scoring must crop faces exactly as the training crops were made (margin, alignment).
     crop_config = json.loads((Path(crops_dir) / CONFIG_FILE).read_text())["crop"]
     bundle = ModelBundle(
-        family=train.family, configs=configs, modules=modules, code_version=code_version(), extra={"crop": crop_config}
+        family=train.family, configs=configs, modules=modules, code_version=code_version(),
+        extra={"crop": crop_config, "input": train.input.model_dump()},
     )
     scores = calibrate_bundle(bundle, val_images, val_ids)
     summary: dict[str, Any] = {"run_id": run_id, "val_frames": len(val_images)}
     if train.family == "glow":
-        train_images, _ = read_crop_images(crops_dir, real_split_ids(videos, "train"), size)
-        glow_bpd, gauss_bpd = glow_vs_gaussian_bpd(modules["glow"], train_images, val_images)
+        train_images, _ = read_crop_images(crops_dir, real_split_ids(videos, "train"))
+        glow_bpd, gauss_bpd = glow_vs_gaussian_bpd(
+            modules["glow"], model_input(train_images, size, train.input), model_input(val_images, size, train.input)
+        )
         summary.update(val_bpd_glow=glow_bpd, val_bpd_diagonal_gaussian=gauss_bpd)
         client.log_metric(run_id, "final_val_bpd_glow", glow_bpd)
         client.log_metric(run_id, "final_val_bpd_diagonal_gaussian", gauss_bpd)

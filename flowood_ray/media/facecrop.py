@@ -7,8 +7,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
+from pydantic import BaseModel, Field
 
 from flowood_ray.media.align import align_face
 from flowood_ray.media.decode import DecodeOutcome, MediaError, iter_frames, probe
@@ -126,12 +128,39 @@ class VideoCropper:
         self.tracker.close()
 
 
+class ModelInput(BaseModel):
+    """How aligned crops become model inputs; saved with each model so scoring matches training."""
+
+    face_fraction: float = Field(1.0, gt=0.2, le=1.0, description="central part of the crop kept (drops background)")
+    highpass: bool = Field(False, description="model the high-frequency residual instead of the pixels")
+    highpass_sigma: float = Field(1.5, gt=0.0)
+    highpass_gain: float = Field(4.0, gt=0.0)
+
+
+def model_input(crops: np.ndarray, size: int, config: ModelInput) -> np.ndarray:
+    """(N, S, S, 3) uint8 crops -> (N, size, size, 3) uint8 model inputs.
+
+    The high-pass residual (crop minus its Gaussian blur, re-centred on 128) keeps sensor noise
+    and resampling traces and drops identity, skin tone and lighting: manipulations warp, blend
+    or re-synthesise the face, which changes the first and hardly touches the second. It is
+    taken before any resizing, which would itself low-pass the crop.
+    """
+    if config.highpass:
+        x = crops.astype(np.float32)
+        blurred = np.stack([cv2.GaussianBlur(c, (0, 0), config.highpass_sigma) for c in x])
+        crops = np.clip(128.0 + config.highpass_gain * (x - blurred), 0, 255).round().astype(np.uint8)
+    if config.face_fraction < 1.0:
+        side = crops.shape[1]
+        keep = max(1, round(side * config.face_fraction))
+        start = (side - keep) // 2
+        crops = crops[:, start : start + keep, start : start + keep]
+    return resize_crops(np.ascontiguousarray(crops), size)
+
+
 def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, size, size, 3); area filter when shrinking, as aliasing would add noise."""
     if crops.shape[1] == size and crops.shape[2] == size:
         return crops
-    import cv2
-
     interp = cv2.INTER_AREA if size < crops.shape[1] else cv2.INTER_LINEAR
     out = np.empty((len(crops), size, size, 3), dtype=np.uint8)
     for i, crop in enumerate(crops):

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from flowood_ray.media.facecrop import resize_crops
+from flowood_ray.media.facecrop import ModelInput, model_input
 from flowood_ray.models.glow import Glow, preprocess
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
 from flowood_ray.registry import ModelBundle
@@ -29,10 +29,6 @@ def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
     )
 
 
-def _as_tensor(crops: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
-    if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
-        raise ValueError(f"expected uint8 crops (N, H, W, 3), got {crops.dtype} {crops.shape}")
-    return torch.from_numpy(np.array(resize_crops(crops, size))).to(device)
 
 
 class Scorer:
@@ -47,8 +43,15 @@ class Scorer:
         self.device = torch.device(device)
         for module in bundle.modules.values():
             module.to(self.device).eval()
+        self.input = ModelInput(**bundle.extra.get("input", {}))
 
     image_size: int
+
+    def model_input(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 crops (N, H, W, 3) -> uint8 model inputs on the device, exactly as in training."""
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+            raise ValueError(f"expected uint8 crops (N, H, W, 3), got {crops.dtype} {crops.shape}")
+        return torch.from_numpy(np.array(model_input(crops, self.image_size, self.input))).to(self.device)
 
     def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -79,7 +82,7 @@ class GlowScorer(Scorer):
 
     @torch.no_grad()
     def bits_per_dim(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        images = _as_tensor(crops, self.image_size, self.device)
+        images = self.model_input(crops)
         x = preprocess(images, self.glow.config.n_bits, "center")
         bpd = self.glow.bits_per_dim(x).double().cpu().numpy()
         background = self.background.bits_per_dim(x).double().cpu().numpy()
@@ -119,7 +122,7 @@ class VQVAEScorer(Scorer):
     @torch.no_grad()
     def encode(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x in model space, codes (N, h, w), per-position NLL (N, h, w))."""
-        x = preprocess(_as_tensor(crops, self.image_size, self.device), 8, "center")
+        x = preprocess(self.model_input(crops), 8, "center")
         codes = self.vqvae.encode(x)
         return x, codes, self.prior.nll_map(codes)
 

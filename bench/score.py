@@ -1,0 +1,77 @@
+"""Archive scoring throughput, side by side in one run:
+
+  plain  the same shard code in a single-process loop (`flowood score --local`)
+  ray1   `flowood score` on a local Ray with 1 CPU
+  ray2   the same with 2 CPUs
+
+Prints videos/s and frames/s, the Ray overhead (plain / ray1) and the scaling (ray2 / ray1).
+A small Glow is trained and registered first (not timed). Usage: python bench/score.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import synthetic_archive, synthetic_crops  # noqa: E402
+
+from flowood_ray.cluster.score import run_score  # noqa: E402
+from flowood_ray.cluster.train import TrainConfig  # noqa: E402
+from flowood_ray.cluster.train_job import train_and_register  # noqa: E402
+from flowood_ray.media.datasets import build_manifest  # noqa: E402
+from flowood_ray.media.sampling import SamplingConfig  # noqa: E402
+
+GLOW = {"glow": {"image_size": 64, "levels": 3, "steps_per_level": 4, "hidden_channels": 64}}
+
+
+def timed(manifest, out: Path, uri: str, local: bool, cpus: int) -> tuple[int, int, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    if not local:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        videos = run_score(manifest, out, ["models:/flowood-glow@candidate"], SamplingConfig(num_frames=32),
+                           local=local, workers=cpus, videos_per_shard=4, tracking_uri=uri)
+        elapsed = time.perf_counter() - start
+    finally:
+        if not local:
+            ray.shutdown()
+    return videos.num_rows, int(sum(videos.column("frames_scored").to_pylist())), elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("bench_out/score"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    uri = f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
+    crops = synthetic_crops(args.workdir)
+    if not (args.workdir / "mlflow.db").exists():
+        train_and_register(crops, TrainConfig(family="glow", epochs=1, workers=2), GLOW, "bench-score",
+                           args.workdir / "ray_results", uri)
+        ray.shutdown()
+    manifest = build_manifest(synthetic_archive(args.workdir))
+    results = {
+        "plain": timed(manifest, args.workdir / "plain", uri, local=True, cpus=1),
+        "ray1": timed(manifest, args.workdir / "ray1", uri, local=False, cpus=1),
+        "ray2": timed(manifest, args.workdir / "ray2", uri, local=False, cpus=2),
+    }
+    rate = {}
+    for name, (videos, frames, seconds) in results.items():
+        rate[name] = videos / seconds
+        print(f"{name:<6} {videos:5d} videos {frames:6d} frames {seconds:7.1f} s "
+              f"{videos / seconds:7.2f} videos/s {frames / seconds:8.1f} frames/s")
+    print(f"Ray overhead  plain/ray1 = {rate['plain'] / rate['ray1']:.2f}  (target <= 1.25)")
+    print(f"Ray scaling   ray2/ray1  = {rate['ray2'] / rate['ray1']:.2f}  (target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
