@@ -215,6 +215,28 @@ def demo(
     typer.echo(f"report: {result['report']}")
 
 
+@app.command()
+def serve(
+    model: Annotated[list[str], typer.Option(help="models:/NAME@ALIAS or models:/NAME/VERSION; the first is the default")],
+    host: Annotated[str, typer.Option(help="bind address; loopback unless you mean otherwise")] = "127.0.0.1",
+    port: int = 8000,
+    replicas: Annotated[int, typer.Option(help="Serve replicas")] = 1,
+    tracking_uri: TrackingOption = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
+) -> None:
+    """Online scoring over HTTP (Ray Serve): POST /v1/score/image, /v1/score/video; GET /v1/models, /healthz.
+
+    Set FLOWOOD_API_TOKEN to require `Authorization: Bearer <token>` on /v1/*."""
+    from pydantic import ValidationError
+
+    from flowood_ray.cluster.serve import run_server
+
+    try:
+        run_server(model, host=host, port=port, tracking_uri=tracking_uri, address=address, num_replicas=replicas)
+    except (ValidationError, ValueError) as exc:
+        _fail(str(exc))
+
+
 models_app = typer.Typer(help="The MLflow model registry: list versions, move aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(help="A local Ray head (token auth) and MLflow server for `ray job submit`.",

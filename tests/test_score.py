@@ -45,17 +45,19 @@ def test_scores_do_not_depend_on_batching_or_on_the_other_videos(
     names = [c for c in alone.column_names if c.startswith(("glow_", "vq_"))]
     assert {"glow_bpd", "glow_lr", "glow_typicality", "glow_complexity", "vq_latent_nll"} <= set(names)
     a, b = _by_video(alone), _by_video(mixed)
+    # Equal up to float32 rounding: BLAS kernels may sum in another order for another batch size.
     for vid, row in a.items():
         assert row["status"] == "ok" and row["frames_scored"] > 0 and row["verdict"] in ("real", "fake")
         for name in names:
-            assert row[name] == pytest.approx(b[vid][name], rel=0, abs=1e-9), name
+            assert row[name] == pytest.approx(b[vid][name], rel=1e-6, abs=1e-6), name
     _, frames_a = read_scores(tmp_path / "a")
     _, frames_b = read_scores(tmp_path / "b")
     fa = {(r["video_id"], r["frame_index"]): r for r in frames_a.to_pylist()}
     fb = {(r["video_id"], r["frame_index"]): r for r in frames_b.to_pylist()}
     assert set(fa) <= set(fb)
     for key, row in fa.items():
-        assert all(abs(row[n] - fb[key][n]) < 1e-9 for n in names)
+        for name in names:
+            assert row[name] == pytest.approx(fb[key][name], rel=1e-6, abs=1e-6), name
 
 
 def test_split_cpu_gpu_stages_give_the_fused_results(archive: Path, trained_models: dict, tmp_path: Path) -> None:
@@ -68,7 +70,7 @@ def test_split_cpu_gpu_stages_give_the_fused_results(archive: Path, trained_mode
     f, s = _by_video(fused), _by_video(split)
     assert set(f) == set(s)
     for vid in f:
-        assert f[vid]["glow_bpd"] == pytest.approx(s[vid]["glow_bpd"], abs=1e-9)
+        assert f[vid]["glow_bpd"] == pytest.approx(s[vid]["glow_bpd"], rel=1e-6, abs=1e-6)
 
 
 def test_killed_scoring_run_resumes_with_every_video_exactly_once(

@@ -21,10 +21,11 @@ import pytest
 import yaml
 from pydantic import SecretStr
 from ray import serve
+from ray.serve import Application
 
 from conftest import TINY_MODELS, face_frames, free_port, write_video
 from flowood_ray.cluster.runtime import init_ray
-from flowood_ray.cluster.serve import ServeSettings, build_application
+from flowood_ray.cluster.serve import ServeSettings, build_app, build_application
 from flowood_ray.media.align import align_face
 from flowood_ray.media.faces import CropConfig, FaceDetector
 from flowood_ray.registry import configure, load_registered, promote, register_bundle
@@ -462,9 +463,10 @@ def test_a_moved_alias_is_picked_up(server: Server, face: np.ndarray) -> None:
     assert served_version() == "1"
 
 
-def test_no_5xx_and_replicas_stay_healthy(server: Server) -> None:
-    """Runs last: everything above, bad inputs included, left the replicas healthy."""
-    assert server.statuses, "no requests were recorded"
+def test_no_5xx_and_replicas_stay_healthy(server: Server, face: np.ndarray) -> None:
+    """After every request of this module (runs last), bad inputs included: no 5xx, healthy replicas."""
+    for _, request, status, _ in _bad_image_requests(face):
+        assert server.client.post("/v1/score/image", **request).status_code == status
     assert not [s for s in server.statuses if s[1] >= 500], [s for s in server.statuses if s[1] >= 500]
     assert server.client.get("/healthz").json()["status"] == "ok"
     status = serve.status()
@@ -486,3 +488,14 @@ def test_deploy_config_validates_against_rays_schema() -> None:
     settings = ServeSettings.model_validate(app.args)
     assert settings.models and all(uri.startswith("models:/") for uri in settings.models)
     assert [d.name for d in app.deployments] == ["ScoringService"]
+
+
+def test_build_app_takes_serve_run_arguments(tmp_path: Path) -> None:
+    """`serve run flowood_ray.cluster.serve:build_app model=URI key=value` passes strings."""
+    app = build_app({"model": GLOW, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "max_body_bytes": "2048"})
+    assert isinstance(app, Application)
+    assert ServeSettings.model_validate({"model": f"{GLOW},{VQVAE}"}).models == [GLOW, VQVAE]
+    for bad in ({"model": "flowood-glow"}, {"model": GLOW, "max_body_byts": 1}, {"models": []},
+                {"model": GLOW, "models": [VQVAE]}):
+        with pytest.raises(ValueError):
+            ServeSettings.model_validate(bad)

@@ -16,7 +16,7 @@ import cv2
 import pyarrow as pa
 import ray
 
-from flowood_ray.cluster.runtime import cluster_cpus, init_ray
+from flowood_ray.cluster.runtime import cluster_cpus, init_ray, record_run
 from flowood_ray.media.facecrop import VideoCropper
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.sampling import SamplingConfig
@@ -36,8 +36,9 @@ class CropShardWriter:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = write_shard(self.out, batch.to_pylist(), self.cropper)
+        node = ray.get_runtime_context().get_node_id()
         return pa.Table.from_pylist(
-            [{"video_id": r["video_id"], "status": r["status"], "faces": r["faces"]} for r in rows]
+            [{"video_id": r["video_id"], "status": r["status"], "faces": r["faces"], "node_id": node} for r in rows]
         )
 
     def __del__(self) -> None:
@@ -76,10 +77,13 @@ def run_preprocess(
             num_cpus=1,
         )
         counts: dict[str, int] = {}
+        nodes: set[str] = set()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for status in batch.column("status").to_pylist():
                 counts[status] = counts.get(status, 0) + 1
-        log.info("cropped %d videos: %s", sum(counts.values()), _format_counts(counts))
+            nodes.update(batch.column("node_id").to_pylist())
+        log.info("cropped %d videos on %d nodes: %s", sum(counts.values()), len(nodes), _format_counts(counts))
+        record_run(out, {"job": "preprocess", "counts": counts, "nodes": sorted(nodes)})
     return read_videos(out)
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
+from pathlib import Path
 
 import ray
 
@@ -27,3 +30,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def record_run(out: Path, summary: dict) -> None:
+    """Append one line per run to OUT/runs.jsonl: what ran where, for audits and multi-node checks."""
+    with open(Path(out) / "runs.jsonl", "a") as handle:
+        handle.write(json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary}) + "\n")

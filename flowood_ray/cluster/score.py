@@ -136,8 +136,7 @@ class ShardScorer:
         return [{"video_id": r["video_id"], "status": r["status"], "verdict": r["verdict"]} for r in video_rows]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        return pa.Table.from_pylist(self.score_and_commit(self.crop(rows)))
+        return _with_node(pa.Table.from_pylist(self.score_and_commit(self.crop(batch.to_pylist()))))
 
     def _frame_schema(self) -> pa.Schema:
         fields = [pa.field("video_id", pa.string()), pa.field("frame_index", pa.int32()),
@@ -249,7 +248,7 @@ def _score_on_ray(todo: list[dict], out: Path, config: ScoreConfig, uri: str, wo
                   split_stages: bool | None, address: str | None) -> None:
     import ray
 
-    from flowood_ray.cluster.runtime import cluster_cpus, init_ray
+    from flowood_ray.cluster.runtime import cluster_cpus, init_ray, record_run
 
     init_ray(address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -273,11 +272,14 @@ def _score_on_ray(todo: list[dict], out: Path, config: ScoreConfig, uri: str, wo
             num_gpus=1 if gpus else 0, num_cpus=0 if not gpus else 1,
         )
     counts: dict[str, int] = {}
+    nodes: set[str] = set()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for status, verdict in zip(batch.column("status").to_pylist(), batch.column("verdict").to_pylist()):
             key = verdict or status
             counts[key] = counts.get(key, 0) + 1
-    log.info("scored %d videos: %s", sum(counts.values()), counts)
+        nodes.update(batch.column("node_id").to_pylist())
+    log.info("scored %d videos on %d nodes: %s", sum(counts.values()), len(nodes), counts)
+    record_run(out, {"job": "score", "counts": counts, "nodes": sorted(nodes)})
 
 
 class CropStage(ShardScorer):
@@ -299,7 +301,13 @@ class ScoreStage(ShardScorer):
             {"video": json.loads(video), "crops": _table_from_bytes(crops)}
             for video, crops in zip(batch.column("video").to_pylist(), batch.column("crops").to_pylist())
         ]
-        return pa.Table.from_pylist(self.score_and_commit(items))
+        return _with_node(pa.Table.from_pylist(self.score_and_commit(items)))
+
+
+def _with_node(table: pa.Table) -> pa.Table:
+    import ray
+
+    return table.append_column("node_id", pa.array([ray.get_runtime_context().get_node_id()] * table.num_rows))
 
 
 def _table_bytes(table: pa.Table) -> bytes:

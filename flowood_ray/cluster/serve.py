@@ -134,7 +134,9 @@ class ServeSettings(BaseModel):
     heatmap_seed: int = Field(0, description="base seed of the restorations: a crop always gets the same map")
     alias_refresh_s: float = Field(30.0, ge=0.0, description="how long an alias -> version resolution is reused")
     max_batch_size: int = Field(8, ge=1, description="requests whose crops are scored in one forward pass")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    # Requests that arrive while a batch is being scored form the next batch anyway; waiting for more
+    # only adds latency when a replica's CPUs are already busy with the forward pass.
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)
     preprocess_threads: int = Field(2, ge=1, le=32, description="threads (and MediaPipe graphs) decoding and detecting")
 
     @model_validator(mode="before")
@@ -576,7 +578,10 @@ api = FastAPI(
 )
 bearer = HTTPBearer(auto_error=False, description=f"required on /v1/* when the server has {TOKEN_ENV}")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-HeatmapFlag = Annotated[bool, Query(description="add a PNG heatmap per face (VQ-VAE family only)")]
+HeatmapFlag = Annotated[bool, Query(
+    description="add restoration heatmaps (PNG) for the largest faces or the highest-scoring frames, up to "
+    "max_heatmaps; VQ-VAE family only"
+)]
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "payload_too_large", 415: "unsupported_media_type"}
@@ -603,11 +608,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("%s %s failed", request.method, request.url.path)
-    return JSONResponse({"error": "internal_error", "detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+    # The message may hold paths or internals; the replica log has the traceback.
+    return JSONResponse({"error": "internal_error", "detail": f"{type(exc).__name__}; see the replica log"},
+                        status_code=500)
 
 
 @serve.deployment(
-    ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30
+    # Requests beyond max_ongoing_requests wait in Serve's router, whose back-off halved throughput at
+    # concurrency 32 in bench/serve.py; a waiting request here holds at most max_body_bytes.
+    ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32, health_check_period_s=10, health_check_timeout_s=30,
 )
 @serve.ingress(api)
 class ScoringService:
@@ -737,7 +746,7 @@ class ScoringService:
         finally:
             pool.put(tracker)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _score_batch(self, jobs: list[tuple[ServedModel, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         return await asyncio.to_thread(self._compute, score_jobs, jobs)
 
