@@ -72,9 +72,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, help="an existing archive (default: a synthetic one)")
     parser.add_argument("--workdir", type=Path, default=Path("bench_out/preprocess"))
+    parser.add_argument("--frames", type=int, default=192, help="frames per synthetic video; long enough that "
+                        "actor start-up (MediaPipe, imports) is amortised as it is on a real archive")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    archive = args.archive or synthetic_archive(args.workdir, identities=6, frames=96)
+    archive = args.archive or synthetic_archive(args.workdir, identities=6, frames=args.frames)
     manifest = build_manifest(archive)
     rows = manifest.to_pylist()
     print(f"archive: {archive} ({len(rows)} videos)")

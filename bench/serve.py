@@ -150,7 +150,8 @@ def main() -> None:
     run_server([model], host="127.0.0.1", port=port, tracking_uri=tracking, blocking=False)
     try:
         asyncio.run(hammer(url, data, headers, WARMUP, 1))
-        print(f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>7}")
+        columns = ("concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s")
+        print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (11, 8, 6, 8, 8, 8, 7))))
         serve_p50 = float("nan")
         for concurrency in CONCURRENCY:
             latencies, outcomes, wall = asyncio.run(hammer(url, data, headers, args.requests, concurrency))

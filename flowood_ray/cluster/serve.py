@@ -964,14 +964,12 @@ def run_server(
                     "" if config.token else f" and has no token (set {TOKEN_ENV})")
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_application(config, num_replicas=num_replicas), name=APP_NAME, route_prefix="/")
-    log.info("scoring %s at http://%s:%d (docs at /docs)", config.models, host, port)
-    if not blocking:
-        return
     try:
-        while True:
+        serve.run(build_application(config, num_replicas=num_replicas), name=APP_NAME, route_prefix="/")
+        log.info("scoring %s at http://%s:%d (docs at /docs)", config.models, host, port)
+        while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
+        # Like `serve run`: the service lives as long as the command, also on a joined cluster.
+        log.info("interrupted: shutting Serve down")
         serve.shutdown()
