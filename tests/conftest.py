@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -10,6 +11,16 @@ import cv2
 import numpy as np
 import pytest
 import skimage.data
+import torch
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Two cores shared with Ray workers: more intra-op threads only make small tensors slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 # Tests start their own local Ray; never join a cluster from the environment by accident.
 os.environ.pop("RAY_ADDRESS", None)

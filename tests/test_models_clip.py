@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from flowood_ray.models.clip_embedder import (
 )
 
 TINY = ClipAutoencoderConfig(encoder=ClipEncoderConfig(widths=(8, 16), embed_dim=16), clip_frames=4, image_size=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,15 +14,6 @@ from flowood_ray.models.flow_blocks import ActNorm
 from flowood_ray.models.glow import Glow, GlowConfig, postprocess, preprocess
 
 TINY = GlowConfig(image_size=4, channels=3, levels=2, steps_per_level=2, hidden_channels=8)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny convolutions run faster single-threaded, especially on a shared 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @torch.no_grad()

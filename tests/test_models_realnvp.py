@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def ready_model(config: RealNVPConfig, data: Tensor, seed: int = 0, std: float = 0.1) -> RealNVP:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ TINY_VQ = VQVAEConfig(
 TINY_PRIOR = PixelSNAILConfig(
     num_codes=5, height=3, width=4, channels=16, n_blocks=2, n_res_blocks=1, n_heads=2, key_channels=8
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def prior_in_eval(config: PixelSNAILConfig = TINY_PRIOR, seed: int = 0) -> PixelSNAIL:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -28,14 +27,6 @@ TINY_PRIOR = PixelSNAILConfig(
     num_codes=16, height=4, width=4, channels=16, n_blocks=1, n_res_blocks=1, n_heads=2, key_channels=8
 )
 CODE_POSITIONS = TINY_PRIOR.height * TINY_PRIOR.width
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def untrained_models(seed: int = 0) -> tuple[VQVAE, PixelSNAIL]:
