@@ -19,9 +19,9 @@ def synthetic_archive(workdir: Path, identities: int = 6, frames: int = 48) -> P
     return archive
 
 
-def synthetic_crops(workdir: Path, size: int = 64) -> Path:
+def synthetic_crops(workdir: Path, size: int = 64, identities: int = 6) -> Path:
     crops = workdir / f"crops{size}"
     if not (crops / "preprocess.json").exists():
-        run_preprocess(build_manifest(synthetic_archive(workdir)), crops, SamplingConfig(num_frames=24),
+        run_preprocess(build_manifest(synthetic_archive(workdir, identities)), crops, SamplingConfig(num_frames=24),
                        CropConfig(size=size), workers=2)
     return crops
