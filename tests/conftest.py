@@ -151,3 +151,20 @@ def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) 
         for name in ("glow", "vqvae")
     }
     return {"tracking_uri": uri, "summaries": summaries, "root": root}
+
+
+def kill_after_commits(cmd: list[str], commits: Path, count: int, timeout_s: float = 300) -> int:
+    """Run `cmd` in its own session, SIGKILL the whole group once `count` shards are committed in
+    `commits`, and return how many were committed by then."""
+    import signal
+    import subprocess
+    import time
+
+    job = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and len(list(commits.glob("part-*.parquet"))) < count:
+        assert job.poll() is None, "the job finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    return len(list(commits.glob("part-*.parquet")))

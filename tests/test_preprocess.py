@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
 
-from conftest import face_frames, write_video
+from conftest import face_frames, kill_after_commits, write_video
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.manifest import manifest_table, video_id_for
 from flowood_ray.media.sampling import SamplingConfig
@@ -69,14 +66,7 @@ def test_killed_run_resumes_with_every_video_exactly_once(tmp_path: Path) -> Non
         sys.executable, "-m", "flowood_ray.cli", "preprocess", str(archive), "--out", str(out), "--kind", "folder",
         "--sampling", "all", "--size", "64", "--workers", "2", "--videos-per-shard", "1",
     ]
-    first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "videos").glob("part-*.parquet"))) < 2:
-        assert first.poll() is None, "preprocess finished before it could be killed"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    committed = len(list((out / "videos").glob("part-*.parquet")))
+    committed = kill_after_commits(cmd, out / "videos", 2)
     assert 2 <= committed < 12, committed
     subprocess.run(cmd, check=True, timeout=300, capture_output=True)
     videos = read_videos(out)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
+from conftest import kill_after_commits
 from flowood_ray.cluster.score import read_scores, run_score
 from flowood_ray.media.datasets import build_manifest
 from flowood_ray.media.sampling import SamplingConfig
@@ -81,15 +79,8 @@ def test_killed_scoring_run_resumes_with_every_video_exactly_once(
         sys.executable, "-m", "flowood_ray.cli", "score", str(archive), "--out", str(out), "--model", MODELS[0],
         "--frames", "8", "--videos-per-shard", "1", "--workers", "2", "--tracking-uri", trained_models["tracking_uri"],
     ]
-    first = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "videos.parquet").glob("part-*.parquet"))) < 3:
-        assert first.poll() is None, "scoring finished before it could be killed"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    committed = kill_after_commits(cmd, out / "videos.parquet", 3)
     total = build_manifest(archive).num_rows
-    committed = len(list((out / "videos.parquet").glob("part-*.parquet")))
     assert 3 <= committed < total
     subprocess.run(cmd, check=True, timeout=600, capture_output=True)
     videos, frames = read_scores(out)
