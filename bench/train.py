@@ -36,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     crops = synthetic_crops(args.workdir)
+    ray.shutdown()  # preprocessing started its own Ray; each measurement starts a fresh one
     results: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         uri = configure(f"sqlite:///{tmp}/mlflow.db")
