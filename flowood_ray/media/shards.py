@@ -103,11 +103,11 @@ def write_shard(out: Path, rows: Iterable[Mapping[str, object]], cropper: VideoC
     return results
 
 
-def read_videos(out: Path, schema: pa.Schema = VIDEO_SCHEMA) -> pa.Table:
+def read_videos(out: Path) -> pa.Table:
     files = sorted((Path(out) / "videos").glob("part-*.parquet"))
     if not files:
-        return schema.empty_table()
-    return pq.ParquetDataset(files, schema=schema).read()
+        return VIDEO_SCHEMA.empty_table()
+    return pq.ParquetDataset(files, schema=VIDEO_SCHEMA).read()
 
 
 def crop_dataset(out: Path) -> pads.Dataset:
