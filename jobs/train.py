@@ -14,12 +14,13 @@ from pathlib import Path
 from flowood_ray.cluster.train import TrainConfig
 from flowood_ray.cluster.train_job import train_and_register
 from flowood_ray.media.facecrop import ModelInput
+from flowood_ray.models.catalog import FAMILIES
 
 
 def main(argv: list[str] | None = None, family: str | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if family is None:
-        parser.add_argument("--family", required=True, choices=["glow", "vqvae"])
+        parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
     parser.add_argument("--data", type=Path, required=True, help="face-crop shards from `flowood preprocess`")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per training phase")
     parser.add_argument("--batch-size", type=int, default=64, help="per worker")

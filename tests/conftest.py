@@ -132,12 +132,16 @@ TINY_MODELS = {
                   "codebook_size": 32, "code_dim": 16},
         "prior": {"channels": 32, "n_blocks": 1, "n_res_blocks": 1, "key_channels": 16, "n_heads": 2},
     },
+    "clip": {
+        "encoder": {"image_size": 32, "clip_frames": 4, "encoder": {"widths": [8, 16], "embed_dim": 8}},
+        "flow": {"n_layers": 4, "hidden": 32},
+    },
 }
 
 
 @pytest.fixture(scope="session")
 def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Tiny Glow and VQ-VAE trained with 2 DDP workers and registered in a session SQLite MLflow."""
+    """Every family, tiny, trained with 2 DDP workers and registered in a session SQLite MLflow."""
     from flowood_ray.cluster.train import TrainConfig
     from flowood_ray.cluster.train_job import train_and_register
 
@@ -148,7 +152,7 @@ def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) 
             synth_crops, TrainConfig(family=name, epochs=1, batch_size=16, workers=2), TINY_MODELS[name],
             f"test-{name}", root / "ray_results", uri,
         )
-        for name in ("glow", "vqvae")
+        for name in TINY_MODELS
     }
     return {"tracking_uri": uri, "summaries": summaries, "root": root}
 

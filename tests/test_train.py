@@ -17,7 +17,7 @@ from conftest import TINY_MODELS, free_port
 from flowood_ray.media.shards import read_crop_images, read_videos, real_split_ids
 from flowood_ray.models.catalog import family, parse_configs
 from flowood_ray.registry import configure, list_models, load_registered, promote
-from flowood_ray.scoring.scorers import build_scorer
+from flowood_ray.scoring.scorers import build_scorer, score_videos
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def _calibration_scores(run_id: str, tmp: Path):
     return pq.read_table(path)
 
 
-@pytest.mark.parametrize("family_name", ["glow", "vqvae"])
+@pytest.mark.parametrize("family_name", sorted(TINY_MODELS))
 def test_two_worker_ddp_training_registers_a_calibrated_version(
     family_name: str, synth_crops: Path, trained_models: dict, tmp_path: Path
 ) -> None:
@@ -49,7 +49,7 @@ def test_two_worker_ddp_training_registers_a_calibrated_version(
     images, ids = read_crop_images(synth_crops, real_split_ids(read_videos(synth_crops), "val"), size)
     reference = _calibration_scores(summary["run_id"], tmp_path)
     assert reference.column("video_id").to_pylist() == ids.tolist()
-    scores = build_scorer(bundle).score(images)
+    scores = score_videos(build_scorer(bundle), images, ids, batch_size=7)
     for name in summary["calibration"]["frame"]:
         np.testing.assert_allclose(scores[name], reference.column(name).to_numpy(), rtol=0, atol=1e-5)
     if family_name == "glow":

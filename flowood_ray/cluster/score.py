@@ -163,9 +163,7 @@ class ShardScorer:
         images = crops_to_array(crops, self.config.crop.size)
         frame_scores: dict[str, np.ndarray] = {}
         for scorer in self.scorers:
-            parts = [scorer.score(images[i : i + self.config.score_batch])
-                     for i in range(0, len(images), self.config.score_batch)]
-            batch_scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            batch_scores = scorer.score_video(images, self.config.score_batch)
             frame_scores.update(batch_scores)
             ids = np.full(len(images), video["video_id"])
             _, video_scores = scorer.aggregate(ids, batch_scores)

@@ -370,6 +370,11 @@ def score_jobs(jobs: list[tuple[ServedModel, np.ndarray]]) -> list[dict[str, np.
         groups.setdefault(model.uri, []).append(i)
     for indices in groups.values():
         model = jobs[indices[0]][0]
+        if model.scorer.scores_clips:
+            # A clip scorer reads its crops as one video's frames: requests cannot share a call.
+            for i in indices:
+                results[i] = model.scorer.score(jobs[i][1])
+            continue
         scores = model.scorer.score(np.concatenate([jobs[i][1] for i in indices]))
         bounds = np.cumsum([0] + [len(jobs[i][1]) for i in indices])
         for i, start, stop in zip(indices, bounds[:-1], bounds[1:]):
@@ -860,6 +865,9 @@ class ScoringService:
     ) -> ImageResult:
         """Score every face of an image (largest first, at most max_faces)."""
         model = await self._prepare(request, credentials, heatmap)
+        if model.scorer.scores_clips:
+            raise ApiError(400, "video_only_model", f"{model.name}/{model.version} ({model.family}) scores clips of "
+                           "consecutive frames; send the video to /v1/score/video")
         data, declared = await read_image_body(request, self.settings.max_body_bytes)
         rgb, crops, faces = await self._in_pool(self._image_crops, data, declared, model.crop)
         scores = await self._score_batch((model, crops))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -28,6 +29,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from flowood_ray.cluster.runtime import init_ray
+from flowood_ray.media.clips import cut_clips
 from flowood_ray.media.facecrop import ModelInput, crops_to_array, model_input
 from flowood_ray.media.shards import crop_size, read_videos, real_split_ids
 from flowood_ray.models.catalog import build_modules, family, parse_configs
@@ -49,23 +51,31 @@ class TrainConfig(BaseModel):
     input: ModelInput = ModelInput()
 
 
-def crop_datasets(crops_dir: Path, image_size: int, input_config: ModelInput) -> dict[str, ray.data.Dataset]:
-    """Ray datasets of real train and val crops, resized to the model's input size."""
+def crop_datasets(
+    crops_dir: Path, image_size: int, input_config: ModelInput, clip_frames: int | None = None
+) -> dict[str, ray.data.Dataset]:
+    """Ray datasets of real train and val crops resized to the model's input size: one image per row,
+    or one clip of `clip_frames` consecutive crops per row for clip-level families."""
     videos = read_videos(crops_dir)
     ids = {split: real_split_ids(videos, split) for split in ("train", "val")}
     for split, chosen in ids.items():
         if not chosen:
             raise ValueError(f"{crops_dir} has no real {split} videos with faces; training needs both train and val")
     files = sorted(str(p) for p in (Path(crops_dir) / "crops").glob("part-*.parquet"))
-    size = crop_size(crops_dir)
-    base = ray.data.read_parquet(files, columns=["video_id", "crop"])
+    kwargs: dict[str, Any] = {"crop_size": crop_size(crops_dir), "image_size": image_size, "config": input_config}
+    if clip_frames is None:
+        base = ray.data.read_parquet(files).select_columns(["video_id", "crop"])
+        select, batching = _select_images, {}
+    else:
+        # A shard file holds whole videos, so one file per batch sees every crop of its videos.
+        base = ray.data.from_items([{"path": f} for f in files])
+        select, batching = _select_clips, {"batch_size": 1}
+        kwargs["clip_frames"] = clip_frames
     # Materialised before training starts: the DDP workers then hold every CPU of a small
     # cluster, and a lazy read would wait forever for one.
     return {
         split: base.map_batches(
-            _select_images,
-            fn_kwargs={"ids": chosen, "crop_size": size, "image_size": image_size, "config": input_config},
-            batch_format="pyarrow",
+            select, fn_kwargs={"ids": chosen, **kwargs}, batch_format="pyarrow", **batching
         ).materialize()
         for split, chosen in ids.items()
     }
@@ -77,6 +87,21 @@ def _select_images(
     rows = batch.filter(pc.is_in(batch.column("video_id"), value_set=pa.array(ids)))
     images = crops_to_array(rows, crop_size) if rows.num_rows else np.zeros((0, crop_size, crop_size, 3), np.uint8)
     return {"image": model_input(images, image_size, config)}
+
+
+def _select_clips(
+    batch: pa.Table, ids: list[str], crop_size: int, image_size: int, config: ModelInput, clip_frames: int
+) -> dict[str, np.ndarray]:
+    clips = [np.zeros((0, clip_frames, image_size, image_size, 3), np.uint8)]
+    for path in batch.column("path").to_pylist():
+        table = pq.read_table(path, columns=["video_id", "frame_index", "crop"],
+                              filters=pc.field("video_id").isin(ids))
+        table = table.sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
+        images = model_input(crops_to_array(table, crop_size), image_size, config) if table.num_rows else None
+        video_ids = np.asarray(table.column("video_id").to_pylist())
+        for vid in np.unique(video_ids):
+            clips.append(cut_clips(images[video_ids == vid], clip_frames)[0])
+    return {"image": np.concatenate(clips)}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -210,7 +235,9 @@ def fit(
     """Run DDP training; returns the modules of the last checkpoint (on CPU) and the last reported metrics."""
     init_ray(address)
     parsed = parse_configs(train.family, model_configs)
-    datasets = crop_datasets(Path(crops_dir), family(train.family).image_size(parsed), train.input)
+    fam = family(train.family)
+    clip_frames = fam.clip_frames(parsed) if fam.clip_frames else None
+    datasets = crop_datasets(Path(crops_dir), fam.image_size(parsed), train.input, clip_frames)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={

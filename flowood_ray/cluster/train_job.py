@@ -22,7 +22,7 @@ from flowood_ray.models.catalog import family, parse_configs
 from flowood_ray.models.glow import preprocess
 from flowood_ray.registry import ModelBundle, code_version, configure, register_bundle
 from flowood_ray.scoring.calibration import calibrate
-from flowood_ray.scoring.scorers import build_scorer
+from flowood_ray.scoring.scorers import build_scorer, score_videos
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 LAMBDA_S_QUANTILE = 0.95
 LAMBDA_P_QUANTILE = 0.90
 SCORE_BATCH = 256
-
-
-def score_in_batches(scorer: Any, images: np.ndarray) -> dict[str, np.ndarray]:
-    parts = [scorer.score(images[i : i + SCORE_BATCH]) for i in range(0, len(images), SCORE_BATCH)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if parts[0][k].ndim == 1}
 
 
 def calibrate_bundle(bundle: ModelBundle, images: np.ndarray, video_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -47,10 +42,10 @@ def calibrate_bundle(bundle: ModelBundle, images: np.ndarray, video_ids: np.ndar
         bundle.extra["lambda_p"] = float(np.quantile(flat, LAMBDA_P_QUANTILE))
     if bundle.family == "glow":
         # Typicality needs the model's entropy estimate on real data: the mean real NLL in bits/dim.
-        bpd = score_in_batches(build_scorer(bundle), images)["glow_bpd"]
+        bpd = score_videos(build_scorer(bundle), images, video_ids, SCORE_BATCH)["glow_bpd"]
         bundle.extra["entropy_bpd"] = float(bpd.mean())
     scorer = build_scorer(bundle)
-    scores = score_in_batches(scorer, images)
+    scores = score_videos(scorer, images, video_ids, SCORE_BATCH)
     frame = calibrate(scores, "frame")
     _, per_video = scorer.aggregate(video_ids, scores)
     # Validation splits hold few videos; video thresholds are then near the sample maximum (logged).

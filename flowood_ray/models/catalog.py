@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig, preprocess_clips
 from flowood_ray.models.glow import Glow, GlowConfig, preprocess
+from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
 
-# loss(modules, uint8 images (N, H, W, 3), generator) -> (loss to minimise, metrics to log)
+# loss(modules, uint8 images (N, H, W, 3) or clips (N, T, H, W, 3), generator) -> (loss, metrics to log)
 LossFn = Callable[[Mapping[str, nn.Module], Tensor, torch.Generator | None], tuple[Tensor, dict[str, float]]]
 
 
@@ -37,6 +39,8 @@ class Family:
     components: dict[str, tuple[type[BaseModel], type[nn.Module]]]
     phases: tuple[Phase, ...]
     image_size: Callable[[Mapping[str, BaseModel]], int]
+    # Frames per training sample for families that model clips; None for per-image families.
+    clip_frames: Callable[[Mapping[str, BaseModel]], int] | None = None
 
 
 def _glow_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
@@ -87,6 +91,26 @@ def _prior_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: tor
     return loss, {"code_nll": float(loss.detach())}
 
 
+def _clip_autoencoder_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    x = preprocess_clips(clips)
+    loss = F.mse_loss(modules["encoder"](x), x)
+    return loss, {"recon": float(loss.detach())}
+
+
+def clip_nll_per_dim(encoder: ClipAutoencoder, flow: nn.Module, clips: Tensor) -> Tensor:
+    """Per-clip NLL of the clip embedding under the flow, in nats per embedding dimension."""
+    with torch.no_grad():
+        embedding = encoder.encoder(preprocess_clips(clips))
+    _, log_prob = flow(embedding)
+    return -log_prob / embedding.shape[1]
+
+
+def _clip_flow_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    encoder = getattr(modules["encoder"], "module", modules["encoder"])
+    loss = clip_nll_per_dim(encoder, modules["flow"], clips).mean()
+    return loss, {"nll": float(loss.detach())}
+
+
 FAMILIES: dict[str, Family] = {
     "glow": Family(
         components={"glow": (GlowConfig, Glow), "background": (GlowConfig, Glow)},
@@ -101,6 +125,13 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("vqvae", "vqvae", _vqvae_loss, "loss"), Phase("prior", "prior", _prior_loss, "code_nll")),
         image_size=lambda c: c["vqvae"].image_size,  # type: ignore[attr-defined]
     ),
+    # Seed 000's video-level route: a 3-D conv encoder learnt on real clips, a RealNVP on its embeddings.
+    "clip": Family(
+        components={"encoder": (ClipAutoencoderConfig, ClipAutoencoder), "flow": (RealNVPConfig, RealNVP)},
+        phases=(Phase("encoder", "encoder", _clip_autoencoder_loss, "recon"), Phase("flow", "flow", _clip_flow_loss, "nll")),
+        image_size=lambda c: c["encoder"].image_size,  # type: ignore[attr-defined]
+        clip_frames=lambda c: c["encoder"].clip_frames,  # type: ignore[attr-defined]
+    ),
 }
 
 
@@ -111,21 +142,25 @@ def family(name: str) -> Family:
 
 
 def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, BaseModel]:
-    """Validate per-component configs (missing components get their defaults); keeps the VQ-VAE and its
-    prior consistent, because the prior's vocabulary and map size are the VQ-VAE's."""
+    """Validate per-component configs (missing components get their defaults). Shapes one component
+    takes from another are filled in here, so a user never has to keep them consistent by hand: the
+    prior's vocabulary and map size are the VQ-VAE's, the clip flow's dimension is the encoder's width."""
     fam = family(name)
     unknown = set(configs) - set(fam.components)
     if unknown:
         raise ValueError(f"family {name!r} has no components {sorted(unknown)}; it has {sorted(fam.components)}")
-    parsed = {comp: cls(**configs.get(comp, {})) for comp, (cls, _) in fam.components.items()}
+    parsed: dict[str, BaseModel] = {}
+    for comp, (cls, _) in fam.components.items():
+        values = dict(configs.get(comp, {}))
+        if name == "vqvae" and comp == "prior":
+            vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
+            values.update(num_codes=vq.codebook_size, height=vq.code_size, width=vq.code_size)
+        if name == "clip" and comp == "flow":
+            values["dim"] = parsed["encoder"].encoder.embed_dim  # type: ignore[attr-defined]
+        parsed[comp] = cls(**values)
     if name == "glow" and "background" not in configs:
         # The likelihood ratio compares two densities of the same inputs: same architecture by default.
         parsed["background"] = parsed["glow"]
-    if name == "vqvae":
-        vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
-        prior = dict(configs.get("prior", {}))
-        prior.update(num_codes=vq.codebook_size, height=vq.code_size, width=vq.code_size)
-        parsed["prior"] = PixelSNAILConfig(**prior)
     return parsed
 
 

@@ -1,9 +1,11 @@
 """Scorers: plain PyTorch functions from uint8 face crops to named per-crop scores.
 
-Every score is computed per crop in eval mode, so a crop's score never depends on the rest
-of its batch. Higher always means more anomalous. `aggregate` turns a video's frame scores
-into video scores; calibration and archive scoring both go through it, so thresholds and
-scores are always computed the same way.
+Image scorers compute every score per crop in eval mode, so a crop's score never depends on the
+rest of its batch. The clip scorer scores windows of one video's consecutive crops and gives each
+crop the mean of its windows, so it takes one video at a time (`score_videos` groups them).
+Higher always means more anomalous. `aggregate` turns a video's frame scores into video scores;
+calibration and archive scoring both go through it, so thresholds and scores are always computed
+the same way.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import cv2
 import numpy as np
 import torch
 
+from flowood_ray.media.clips import cut_clips, frame_means
 from flowood_ray.media.facecrop import ModelInput, model_input
+from flowood_ray.models.clip_embedder import ClipAutoencoder, preprocess_clips
 from flowood_ray.models.glow import Glow, preprocess
+from flowood_ray.models.realnvp import RealNVP
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
 from flowood_ray.registry import ModelBundle
 from flowood_ray.scoring.aggregate import aggregate_frames
@@ -29,13 +34,12 @@ def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
     )
 
 
-
-
 class Scorer:
     """Base: a model bundle turned into per-crop scores and per-video aggregates."""
 
     family = ""
     primary = ""  # the score behind verdicts; chosen per family, never per dataset
+    scores_clips = False  # True when `score` reads its crops as one video's frames in temporal order
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
         self.bundle = bundle
@@ -55,6 +59,13 @@ class Scorer:
 
     def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def score_video(self, crops: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        """Frame scores of one video's crops (temporal order), at most `batch_size` crops per forward."""
+        if self.scores_clips:
+            return self.score(crops)
+        parts = [self.score(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def aggregate(self, video_ids: np.ndarray, scores: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(sorted unique video ids, video score per name): the mean of frame scores by default."""
@@ -141,10 +152,50 @@ class VQVAEScorer(Scorer):
         return scores
 
 
-SCORERS: dict[str, type[Scorer]] = {"glow": GlowScorer, "vqvae": VQVAEScorer}
+class ClipFlowScorer(Scorer):
+    """Seed 000's video-level route: NLL of clip embeddings under a RealNVP fitted to real clips, in nats
+    per embedding dimension, and the clip autoencoder's reconstruction error beside it."""
+
+    family = "clip"
+    primary = "clip_nll"
+    scores_clips = True
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.autoencoder: ClipAutoencoder = bundle.modules["encoder"]  # type: ignore[assignment]
+        self.flow: RealNVP = bundle.modules["flow"]  # type: ignore[assignment]
+        self.image_size = self.autoencoder.config.image_size
+        self.clip_frames = self.autoencoder.config.clip_frames
+
+    @torch.no_grad()
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """`crops` are one video's crops in temporal order; each gets the mean score of its clips."""
+        frames = self.model_input(crops).cpu().numpy()
+        clips, starts = cut_clips(frames, self.clip_frames)
+        x = preprocess_clips(torch.from_numpy(clips).to(self.device))
+        embedding = self.autoencoder.encoder(x)
+        per_clip = {
+            "clip_nll": (-self.flow.log_prob(embedding) / embedding.shape[1]).double(),
+            "clip_recon": (self.autoencoder.decode(embedding) - x).pow(2).flatten(1).mean(1).double(),
+        }
+        return {k: frame_means(v.cpu().numpy(), starts, self.clip_frames, len(crops)) for k, v in per_clip.items()}
+
+
+SCORERS: dict[str, type[Scorer]] = {"glow": GlowScorer, "vqvae": VQVAEScorer, "clip": ClipFlowScorer}
 
 
 def build_scorer(bundle: ModelBundle, device: str | torch.device = "cpu") -> Scorer:
     if bundle.family not in SCORERS:
         raise ValueError(f"no scorer for model family {bundle.family!r}")
     return SCORERS[bundle.family](bundle, device)
+
+
+def score_videos(scorer: Scorer, crops: np.ndarray, video_ids: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Frame scores of many videos' crops; the rows of each video must be contiguous and in temporal order."""
+    if len(crops) != len(video_ids):
+        raise ValueError(f"{len(crops)} crops but {len(video_ids)} video ids")
+    bounds = np.flatnonzero(np.r_[True, video_ids[1:] != video_ids[:-1], True])
+    if len(np.unique(video_ids)) != len(bounds) - 1:
+        raise ValueError("the crops of each video must be contiguous")
+    parts = [scorer.score_video(crops[a:b], batch_size) for a, b in zip(bounds[:-1], bounds[1:])]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

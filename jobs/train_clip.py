@@ -1,0 +1,11 @@
+"""Train the clip encoder and the RealNVP on its embeddings: `python jobs/train_clip.py --data CROPS_DIR --epochs 2` (see jobs/train.py)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main(sys.argv[1:], family="clip")
