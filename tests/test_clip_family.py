@@ -98,3 +98,15 @@ def test_the_clip_flow_phase_lowers_the_embedding_nll() -> None:
         loss.backward()
         optimizer.step()
     assert float(loss.detach()) < float(before) - 0.5
+
+
+def test_difference_input_ignores_a_clips_constant_appearance() -> None:
+    configs = {**TINY_MODELS["clip"], "encoder": {**TINY_MODELS["clip"]["encoder"], "input": "differences"}}
+    autoencoder = build_modules("clip", configs)["encoder"]
+    rng = np.random.default_rng(2)
+    motion = torch.from_numpy(rng.integers(0, 100, (2, 4, 32, 32, 3), dtype=np.uint8))
+    shifted = motion + torch.from_numpy(rng.integers(0, 100, (2, 1, 32, 32, 3), dtype=np.uint8))
+    x, y = autoencoder.prepare(motion), autoencoder.prepare(shifted)
+    assert x.shape == (2, 3, 4, 32, 32)
+    torch.testing.assert_close(x, y)
+    assert (x[:, :, 0] == 0).all()

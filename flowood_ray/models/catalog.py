@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig, preprocess_clips
+from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig
 from flowood_ray.models.glow import Glow, GlowConfig, preprocess
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
@@ -92,22 +92,18 @@ def _prior_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: tor
 
 
 def _clip_autoencoder_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
-    x = preprocess_clips(clips)
+    x = getattr(modules["encoder"], "module", modules["encoder"]).prepare(clips)
     loss = F.mse_loss(modules["encoder"](x), x)
     return loss, {"recon": float(loss.detach())}
 
 
-def clip_nll_per_dim(encoder: ClipAutoencoder, flow: nn.Module, clips: Tensor) -> Tensor:
-    """Per-clip NLL of the clip embedding under the flow, in nats per embedding dimension."""
-    with torch.no_grad():
-        embedding = encoder.encoder(preprocess_clips(clips))
-    _, log_prob = flow(embedding)
-    return -log_prob / embedding.shape[1]
-
-
 def _clip_flow_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
-    encoder = getattr(modules["encoder"], "module", modules["encoder"])
-    loss = clip_nll_per_dim(encoder, modules["flow"], clips).mean()
+    autoencoder: ClipAutoencoder = getattr(modules["encoder"], "module", modules["encoder"])
+    with torch.no_grad():
+        embedding = autoencoder.encoder(autoencoder.prepare(clips))
+    _, log_prob = modules["flow"](embedding)
+    # Nats per embedding dimension, the unit of the clip_nll score.
+    loss = (-log_prob / embedding.shape[1]).mean()
     return loss, {"nll": float(loss.detach())}
 
 

@@ -103,6 +103,10 @@ class ClipAutoencoderConfig(BaseModel):
     encoder: ClipEncoderConfig = ClipEncoderConfig()
     clip_frames: int = Field(8, ge=1)
     image_size: int = Field(64, ge=1)
+    # "differences" models frame-to-frame changes (the first frame's is zero): a face's appearance,
+    # which differs far more between people than between real and fake, cancels out, while
+    # manipulations made frame by frame leave flicker and jitter in it.
+    input: Literal["frames", "differences"] = "frames"
 
     @model_validator(mode="after")
     def _check_divisible(self) -> ClipAutoencoderConfig:
@@ -144,6 +148,13 @@ class ClipAutoencoder(nn.Module):
             nn.Conv3d(widths[0], config.encoder.in_channels, 3, padding=1),
         ]
         self.decoder = nn.Sequential(*layers)
+
+    def prepare(self, clips: Tensor) -> Tensor:
+        """uint8 clips (N, T, H, W, 3) -> the float input (N, 3, T, H, W) this autoencoder models."""
+        x = preprocess_clips(clips)
+        if self.config.input == "differences":
+            x = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
+        return x
 
     def decode(self, embedding: Tensor) -> Tensor:
         return self.decoder(self.expand(embedding).view(-1, *self._start))
