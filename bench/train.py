@@ -26,6 +26,9 @@ MODELS = {
     "vqvae": {"vqvae": {"image_size": 64, "hidden_channels": 64, "res_channels": 32, "n_res_blocks": 1,
                         "codebook_size": 128, "code_dim": 32},
               "prior": {"channels": 64, "n_blocks": 2, "n_res_blocks": 1, "key_channels": 32, "n_heads": 2}},
+    # A sample is a clip of 8 crops here.
+    "clip": {"encoder": {"image_size": 64, "clip_frames": 8, "encoder": {"widths": [16, 32, 64], "embed_dim": 32}},
+             "flow": {"n_layers": 6, "hidden": 64, "bottleneck": 16}},
 }
 
 
@@ -33,8 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("bench_out/train"))
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--family", action="append", choices=sorted(MODELS), help="repeatable (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    families = args.family or list(MODELS)
     crops = synthetic_crops(args.workdir)
     ray.shutdown()  # preprocessing started its own Ray; each measurement starts a fresh one
     results: dict[tuple[str, int], float] = {}
@@ -43,7 +48,7 @@ def main() -> None:
         import mlflow
 
         run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("bench").experiment_id).info.run_id
-        for family in MODELS:
+        for family in families:
             for workers in (1, 2):
                 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
                 try:
@@ -54,7 +59,7 @@ def main() -> None:
                     ray.shutdown()
                 results[(family, workers)] = metrics["train_samples_per_s"]
     print(f"{'family':<8} {'1 worker':>12} {'2 workers':>12} {'ratio':>7}   (samples/s of the last phase)")
-    for family in MODELS:
+    for family in families:
         one, two = results[(family, 1)], results[(family, 2)]
         print(f"{family:<8} {one:12.1f} {two:12.1f} {two / one:7.2f}")
 

@@ -1,7 +1,7 @@
 """`flowood demo`: the whole product on one machine with embedded defaults.
 
-synthesise an archive -> crop faces on Ray Data -> train Glow and the VQ-VAE with DDP on Ray Train
--> register and promote in MLflow (SQLite in the work directory) -> score the test split -> report.
+synthesise an archive -> crop faces on Ray Data -> train Glow, the VQ-VAE and the clip flow with DDP
+on Ray Train -> register and promote in MLflow (SQLite in the work directory) -> score the test split -> report.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class DemoConfig(BaseModel):
     workers: int = 2
     glow_epochs: int = 8
     vqvae_epochs: int = 8
+    clip_epochs: int = 8
     batch_size: int = 32
     seed: int = 0
     glow: dict[str, Any] = Field(
@@ -38,6 +39,13 @@ class DemoConfig(BaseModel):
             "vqvae": {"image_size": 64, "hidden_channels": 64, "res_channels": 32, "n_res_blocks": 1,
                       "codebook_size": 128, "code_dim": 32, "downsample_levels": 2},
             "prior": {"channels": 64, "n_blocks": 2, "n_res_blocks": 1, "key_channels": 32, "n_heads": 2},
+        }
+    )
+    # A few dozen training clips: a narrow embedding and a bottlenecked flow keep it from memorising them.
+    clip: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "encoder": {"image_size": 64, "clip_frames": 8, "encoder": {"widths": [16, 32, 64], "embed_dim": 32}},
+            "flow": {"n_layers": 6, "hidden": 64, "bottleneck": 16},
         }
     )
 
@@ -78,7 +86,9 @@ def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
                    CropConfig(size=config.crop_size), workers=config.workers)
     lap("preprocess")
     versions = {}
-    for family, epochs, models in (("glow", config.glow_epochs, config.glow), ("vqvae", config.vqvae_epochs, config.vqvae)):
+    families = (("glow", config.glow_epochs, config.glow), ("vqvae", config.vqvae_epochs, config.vqvae),
+                ("clip", config.clip_epochs, config.clip))
+    for family, epochs, models in families:
         summary = train_and_register(
             crops, TrainConfig(family=family, epochs=epochs, batch_size=config.batch_size, workers=config.workers,
                                seed=config.seed),
@@ -90,7 +100,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
     scores = workdir / "scores"
     run_score(
         manifest.filter(pc.equal(manifest.column("split"), "test")), scores,
-        ["models:/flowood-glow@champion", "models:/flowood-vqvae@champion"], sampling,
+        [f"models:/flowood-{family}@champion" for family, _, _ in families], sampling,
         workers=config.workers, save_crops=True, tracking_uri=tracking_uri,
     )
     lap("score")

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 GLOW = "models:/flowood-glow@champion"
 VQVAE = "models:/flowood-vqvae@champion"
+CLIP = "models:/flowood-clip@champion"
 MULTIPLEX = "serve_multiplexed_model_id"
 TOKEN = "s3cret-test-token"
 BODY_LIMIT = 1_000_000
@@ -89,13 +90,14 @@ def noise_frames(n: int) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def registry(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """flowood-glow versions 1 (champion) and 2 (candidate, same weights), flowood-vqvae 1 (champion)."""
+    """flowood-glow versions 1 (champion) and 2 (candidate, same weights); flowood-vqvae 1 and flowood-clip 1
+    (champions)."""
     from flowood_ray.cluster.train import TrainConfig
     from flowood_ray.cluster.train_job import train_and_register
 
     root = tmp_path_factory.mktemp("serve_registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    for name in ("glow", "vqvae"):
+    for name in ("glow", "vqvae", "clip"):
         summary = train_and_register(
             synth_crops, TrainConfig(family=name, epochs=1, batch_size=16, workers=2), TINY_MODELS[name],
             f"serve-{name}", root / "ray_results", uri,
@@ -117,7 +119,7 @@ def server(registry: str) -> Iterator[Server]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         settings = ServeSettings(
-            models=[GLOW, VQVAE], tracking_uri=registry, token=None, alias_refresh_s=0.0,
+            models=[GLOW, VQVAE, CLIP], tracking_uri=registry, token=None, alias_refresh_s=0.0,
             max_body_bytes=BODY_LIMIT, max_video_seconds=MAX_SECONDS, frames_per_video=FRAMES_PER_VIDEO,
             max_heatmaps=MAX_HEATMAPS,
         )
@@ -178,11 +180,12 @@ def test_health_docs_and_models(server: Server) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert set(models) == {"flowood-glow", "flowood-vqvae"}
-    glow, vq = models["flowood-glow"], models["flowood-vqvae"]
+    assert set(models) == {"flowood-glow", "flowood-vqvae", "flowood-clip"}
+    glow, vq, clip = models["flowood-glow"], models["flowood-vqvae"], models["flowood-clip"]
     assert (glow["version"], glow["default"], glow["family"]) == ("1", True, "glow")
     assert "champion" in glow["aliases"] and (vq["version"], vq["family"]) == ("1", "vqvae")
-    for entry, uri in ((glow, GLOW), (vq, VQVAE)):
+    assert (clip["version"], clip["family"], clip["score"]) == ("1", "clip", "clip_nll")
+    for entry, uri in ((glow, GLOW), (vq, VQVAE), (clip, CLIP)):
         scorer = bare_scorer(uri, server.tracking_uri)
         calibration = scorer.bundle.calibration
         assert entry["score"] == scorer.primary == calibration["primary"]
@@ -262,6 +265,21 @@ def test_video_frames_and_clip_verdict(server: Server, tmp_path: Path) -> None:
     multipart = server.client.post("/v1/score/video", files={"file": ("clip.mp4", clip, "video/mp4")})
     assert multipart.status_code == 200, multipart.text
     assert multipart.json()["video"] == video
+
+
+def test_the_clip_family_scores_videos_and_refuses_images(server: Server, face: np.ndarray, tmp_path: Path) -> None:
+    clip = write_video(tmp_path / "clip.mp4", face_frames(25, seed=1)).read_bytes()
+    response = server.client.post("/v1/score/video", content=clip, headers={"content-type": "video/mp4", MULTIPLEX: CLIP})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["family"] == "clip" and body["video"]["score"] == body["video"]["scores"]["clip_nll"]
+    frames = body["frames"]
+    scores = np.array([f["scores"]["clip_nll"] for f in frames])
+    assert np.isfinite(scores).all() and len(frames) > 1
+    image = server.client.post(
+        "/v1/score/image", content=encode(face, ".png"), headers={"content-type": "image/png", MULTIPLEX: CLIP}
+    )
+    assert_error(image, 400, "video_only_model")
 
 
 def test_heatmaps_for_the_vqvae_family_only(server: Server, face: np.ndarray, tmp_path: Path) -> None:

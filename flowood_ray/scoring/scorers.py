@@ -18,7 +18,7 @@ import torch
 
 from flowood_ray.media.clips import cut_clips, frame_means
 from flowood_ray.media.facecrop import ModelInput, model_input
-from flowood_ray.models.clip_embedder import ClipAutoencoder, preprocess_clips
+from flowood_ray.models.clip_embedder import ClipAutoencoder
 from flowood_ray.models.glow import Glow, preprocess
 from flowood_ray.models.realnvp import RealNVP
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
@@ -172,7 +172,7 @@ class ClipFlowScorer(Scorer):
         """`crops` are one video's crops in temporal order; each gets the mean score of its clips."""
         frames = self.model_input(crops).cpu().numpy()
         clips, starts = cut_clips(frames, self.clip_frames)
-        x = preprocess_clips(torch.from_numpy(clips).to(self.device))
+        x = self.autoencoder.prepare(torch.from_numpy(clips).to(self.device))
         embedding = self.autoencoder.encoder(x)
         per_clip = {
             "clip_nll": (-self.flow.log_prob(embedding) / embedding.shape[1]).double(),
