@@ -207,7 +207,7 @@ def demo(
 
     config = DemoConfig(identities=identities)
     if epochs is not None:
-        config = config.model_copy(update={"glow_epochs": epochs, "vqvae_epochs": epochs, "clip_epochs": epochs})
+        config = config.model_copy(update={f"{family}_epochs": epochs for family in ("glow", "vqvae", "clip", "patch")})
     result = run_demo(workdir, config)
     typer.echo(format_table(result["rows"], "video"))
     typer.echo(format_table(result["rows"], "frame"))

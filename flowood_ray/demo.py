@@ -1,7 +1,7 @@
 """`flowood demo`: the whole product on one machine with embedded defaults.
 
-synthesise an archive -> crop faces on Ray Data -> train Glow, the VQ-VAE and the clip flow with DDP
-on Ray Train -> register and promote in MLflow (SQLite in the work directory) -> score the test split -> report.
+synthesise an archive -> crop faces on Ray Data -> train Glow, the VQ-VAE, the clip flow and the
+patch-texture flow with DDP on Ray Train -> register and promote in MLflow (SQLite in the work directory) -> score the test split -> report.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class DemoConfig(BaseModel):
     glow_epochs: int = 8
     vqvae_epochs: int = 8
     clip_epochs: int = 8
+    patch_epochs: int = 8
     batch_size: int = 32
     seed: int = 0
     glow: dict[str, Any] = Field(
@@ -46,6 +47,13 @@ class DemoConfig(BaseModel):
         default_factory=lambda: {
             "encoder": {"image_size": 64, "clip_frames": 8, "encoder": {"widths": [16, 32, 64], "embed_dim": 32}},
             "flow": {"n_layers": 6, "hidden": 64, "bottleneck": 16},
+        }
+    )
+    # One LU-linear + coupling layer over 8x8 high-pass patches: little more than a full-covariance
+    # Gaussian of real texture, which generalised to unseen people better than deeper flows did.
+    patch: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "patch": {"image_size": 64, "patch": 8, "stride": 4, "n_layers": 1, "hidden": 32, "bottleneck": 4}
         }
     )
 
@@ -87,7 +95,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
     lap("preprocess")
     versions = {}
     families = (("glow", config.glow_epochs, config.glow), ("vqvae", config.vqvae_epochs, config.vqvae),
-                ("clip", config.clip_epochs, config.clip))
+                ("clip", config.clip_epochs, config.clip), ("patch", config.patch_epochs, config.patch))
     for family, epochs, models in families:
         summary = train_and_register(
             crops, TrainConfig(family=family, epochs=epochs, batch_size=config.batch_size, workers=config.workers,

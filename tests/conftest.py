@@ -136,6 +136,7 @@ TINY_MODELS = {
         "encoder": {"image_size": 32, "clip_frames": 4, "encoder": {"widths": [8, 16], "embed_dim": 8}},
         "flow": {"n_layers": 4, "hidden": 32},
     },
+    "patch": {"patch": {"image_size": 32, "patch": 4, "stride": 4, "n_layers": 2, "hidden": 16}},
 }
 
 

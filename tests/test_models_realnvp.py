@@ -29,9 +29,9 @@ def correlated_data(n: int, dim: int, seed: int = 0) -> Tensor:
     return torch.randn(n, dim, generator=generator, dtype=torch.float64) @ mixing + 3.0
 
 
-@pytest.mark.parametrize("bottleneck", [None, 2])
-def test_log_prob_is_base_density_plus_autograd_logdet(bottleneck: int | None) -> None:
-    config = RealNVPConfig(dim=4, n_layers=4, hidden=16, bottleneck=bottleneck)
+@pytest.mark.parametrize(("bottleneck", "linear"), [(None, False), (2, False), (None, True)])
+def test_log_prob_is_base_density_plus_autograd_logdet(bottleneck: int | None, linear: bool) -> None:
+    config = RealNVPConfig(dim=4, n_layers=4, hidden=16, bottleneck=bottleneck, linear=linear)
     model = ready_model(config, correlated_data(64, 4))
     x = correlated_data(3, 4, seed=1)
     log_prob = model.log_prob(x)
@@ -43,9 +43,9 @@ def test_log_prob_is_base_density_plus_autograd_logdet(bottleneck: int | None) -
         torch.testing.assert_close(log_prob[i], expected, atol=1e-9, rtol=1e-10)
 
 
-@pytest.mark.parametrize("actnorm", [True, False])
-def test_inverse_of_forward_is_identity(actnorm: bool) -> None:
-    config = RealNVPConfig(dim=7, n_layers=6, hidden=32, actnorm=actnorm)
+@pytest.mark.parametrize(("actnorm", "linear"), [(True, False), (False, False), (True, True)])
+def test_inverse_of_forward_is_identity(actnorm: bool, linear: bool) -> None:
+    config = RealNVPConfig(dim=7, n_layers=6, hidden=32, actnorm=actnorm, linear=linear)
     model = ready_model(config, correlated_data(64, 7)).float()
     x = correlated_data(16, 7, seed=2).float()
     with torch.no_grad():

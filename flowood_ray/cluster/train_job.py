@@ -40,11 +40,12 @@ def calibrate_bundle(bundle: ModelBundle, images: np.ndarray, video_ids: np.ndar
         flat = nll.flatten().double().numpy()
         bundle.extra["lambda_s"] = float(np.quantile(flat, LAMBDA_S_QUANTILE))
         bundle.extra["lambda_p"] = float(np.quantile(flat, LAMBDA_P_QUANTILE))
-    if bundle.family == "glow":
-        # Typicality needs the model's entropy estimate on real data: the mean real NLL in bits/dim.
-        bpd = score_videos(build_scorer(bundle), images, video_ids, SCORE_BATCH)["glow_bpd"]
-        bundle.extra["entropy_bpd"] = float(bpd.mean())
     scorer = build_scorer(bundle)
+    if scorer.typicality:
+        # Typicality needs the model's entropy estimate on real data: the mean real NLL.
+        _, base, key = scorer.typicality
+        bundle.extra[key] = float(score_videos(scorer, images, video_ids, SCORE_BATCH)[base].mean())
+        scorer = build_scorer(bundle)
     scores = score_videos(scorer, images, video_ids, SCORE_BATCH)
     frame = calibrate(scores, "frame")
     _, per_video = scorer.aggregate(video_ids, scores)

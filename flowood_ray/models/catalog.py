@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig
 from flowood_ray.models.glow import Glow, GlowConfig, preprocess
+from flowood_ray.models.patch_density import PatchDensity, PatchDensityConfig
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
 
@@ -107,6 +108,13 @@ def _clip_flow_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: 
     return loss, {"nll": float(loss.detach())}
 
 
+def _patch_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    density: PatchDensity = getattr(modules["patch"], "module", modules["patch"])
+    # Nats per patch dimension over every patch of every crop, the unit of the patch_nll score.
+    loss = (-modules["patch"](images) / density.dim).mean()
+    return loss, {"nll": float(loss.detach())}
+
+
 FAMILIES: dict[str, Family] = {
     "glow": Family(
         components={"glow": (GlowConfig, Glow), "background": (GlowConfig, Glow)},
@@ -127,6 +135,12 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("encoder", "encoder", _clip_autoencoder_loss, "recon"), Phase("flow", "flow", _clip_flow_loss, "nll")),
         image_size=lambda c: c["encoder"].image_size,  # type: ignore[attr-defined]
         clip_frames=lambda c: c["encoder"].clip_frames,  # type: ignore[attr-defined]
+    ),
+    # Local high-frequency texture, which whole-face densities drown in identity.
+    "patch": Family(
+        components={"patch": (PatchDensityConfig, PatchDensity)},
+        phases=(Phase("patch", "patch", _patch_loss, "nll"),),
+        image_size=lambda c: c["patch"].image_size,  # type: ignore[attr-defined]
     ),
 }
 

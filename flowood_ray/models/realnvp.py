@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from flowood_ray.models.flow_blocks import ActNorm, InvertibleBlock, MaskedAffineCoupling, SequentialFlow
+from flowood_ray.models.flow_blocks import ActNorm, InvConv2d1x1, InvertibleBlock, MaskedAffineCoupling, SequentialFlow
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -34,6 +34,10 @@ class RealNVPConfig(BaseModel):
     hidden: int = Field(256, ge=1)
     bottleneck: int | None = Field(None, ge=1)
     actnorm: bool = True
+    # Each layer mixes all coordinates with an invertible linear map first (Glow's 1x1 convolution, LU
+    # parameterised): with it even one layer models full covariance, which alternating masks alone
+    # reach only through depth.
+    linear: bool = False
     clamp: float = Field(2.0, gt=0)
 
 
@@ -48,6 +52,8 @@ class RealNVP(nn.Module):
         for layer in range(config.n_layers):
             if config.actnorm:
                 blocks.append(ActNorm(config.dim))
+            if config.linear:
+                blocks.append(InvConv2d1x1(config.dim))
             blocks.append(
                 MaskedAffineCoupling(
                     parity == layer % 2,

@@ -20,6 +20,7 @@ from flowood_ray.media.clips import cut_clips, frame_means
 from flowood_ray.media.facecrop import ModelInput, model_input
 from flowood_ray.models.clip_embedder import ClipAutoencoder
 from flowood_ray.models.glow import Glow, preprocess
+from flowood_ray.models.patch_density import PatchDensity
 from flowood_ray.models.realnvp import RealNVP
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
 from flowood_ray.registry import ModelBundle
@@ -40,6 +41,9 @@ class Scorer:
     family = ""
     primary = ""  # the score behind verdicts; chosen per family, never per dataset
     scores_clips = False  # True when `score` reads its crops as one video's frames in temporal order
+    # (typicality score, the NLL score it tests, the bundle.extra key of that score's real-data mean):
+    # |NLL - E_real[NLL]| flags inputs that are too likely as well as too unlikely (Nalisnick et al.).
+    typicality: tuple[str, str, str] | None = None
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
         self.bundle = bundle
@@ -48,6 +52,8 @@ class Scorer:
         for module in bundle.modules.values():
             module.to(self.device).eval()
         self.input = ModelInput(**bundle.extra.get("input", {}))
+        # None until calibration has measured the real-data mean.
+        self.entropy: float | None = bundle.extra.get(self.typicality[2]) if self.typicality else None
 
     image_size: int
 
@@ -67,12 +73,23 @@ class Scorer:
         parts = [self.score(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+    def with_typicality(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.typicality and self.entropy is not None:
+            name, base, _ = self.typicality
+            scores[name] = np.abs(scores[base] - self.entropy)
+        return scores
+
     def aggregate(self, video_ids: np.ndarray, scores: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(sorted unique video ids, video score per name): the mean of frame scores by default."""
         out: dict[str, np.ndarray] = {}
         ids = np.unique(video_ids)
+        typical = self.typicality[0] if self.typicality else None
         for name, values in scores.items():
-            ids, out[name] = aggregate_frames(video_ids, values, "mean")
+            if name != typical:
+                ids, out[name] = aggregate_frames(video_ids, values, "mean")
+        if self.typicality and typical in scores and self.entropy is not None:
+            # Typicality is a test on the clip's mean NLL, not the mean of per-frame distances.
+            out[typical] = np.abs(out[self.typicality[1]] - self.entropy)
         return ids, out
 
 
@@ -83,13 +100,13 @@ class GlowScorer(Scorer):
 
     family = "glow"
     primary = "glow_typicality"
+    typicality = ("glow_typicality", "glow_bpd", "entropy_bpd")
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
         super().__init__(bundle, device)
         self.glow: Glow = bundle.modules["glow"]  # type: ignore[assignment]
         self.background: Glow = bundle.modules["background"]  # type: ignore[assignment]
         self.image_size = self.glow.config.image_size
-        self.entropy_bpd: float | None = bundle.extra.get("entropy_bpd")
 
     @torch.no_grad()
     def bits_per_dim(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,18 +118,31 @@ class GlowScorer(Scorer):
 
     def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         bpd, background, complexity = self.bits_per_dim(crops)
-        scores = {"glow_bpd": bpd, "glow_complexity": bpd - complexity, "glow_lr": bpd - background}
-        if self.entropy_bpd is not None:
-            scores["glow_typicality"] = np.abs(bpd - self.entropy_bpd)
-        return scores
+        return self.with_typicality({"glow_bpd": bpd, "glow_complexity": bpd - complexity, "glow_lr": bpd - background})
 
-    def aggregate(self, video_ids: np.ndarray, scores: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        ids, out = super().aggregate(video_ids, {k: v for k, v in scores.items() if k != "glow_typicality"})
-        if "glow_typicality" in scores and self.entropy_bpd is not None:
-            # Typicality is a test on the clip's mean NLL, not the mean of per-frame distances.
-            _, mean_bpd = aggregate_frames(video_ids, scores["glow_bpd"], "mean")
-            out["glow_typicality"] = np.abs(mean_bpd - self.entropy_bpd)
-        return ids, out
+
+class PatchScorer(Scorer):
+    """NLL of the inner face's high-pass texture patches in nats per patch dimension, and its typicality:
+    re-synthesised faces are often smoother than real ones, hence *more* likely, which only a two-sided
+    test catches."""
+
+    family = "patch"
+    primary = "patch_typicality"
+    typicality = ("patch_typicality", "patch_nll", "entropy_patch_nll")
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.density: PatchDensity = bundle.modules["patch"]  # type: ignore[assignment]
+        self.image_size = self.density.config.image_size
+
+    @torch.no_grad()
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        nll = -self.density(self.model_input(crops)) / self.density.dim
+        inner = self.density.inner_mask().to(nll.device)
+        return self.with_typicality({
+            "patch_nll": nll[:, inner].mean(1).double().cpu().numpy(),
+            "patch_nll_all": nll.flatten(1).mean(1).double().cpu().numpy(),
+        })
 
 
 class VQVAEScorer(Scorer):
@@ -181,7 +211,9 @@ class ClipFlowScorer(Scorer):
         return {k: frame_means(v.cpu().numpy(), starts, self.clip_frames, len(crops)) for k, v in per_clip.items()}
 
 
-SCORERS: dict[str, type[Scorer]] = {"glow": GlowScorer, "vqvae": VQVAEScorer, "clip": ClipFlowScorer}
+SCORERS: dict[str, type[Scorer]] = {
+    "glow": GlowScorer, "vqvae": VQVAEScorer, "clip": ClipFlowScorer, "patch": PatchScorer,
+}
 
 
 def build_scorer(bundle: ModelBundle, device: str | torch.device = "cpu") -> Scorer:
