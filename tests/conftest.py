@@ -158,6 +158,27 @@ def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) 
     return {"tracking_uri": uri, "summaries": summaries, "root": root}
 
 
+def phase_loss_before_and_after(family_name: str, phase_index: int, modules: dict, data, steps: int,
+                                lr: float = 3e-3) -> tuple[float, float]:
+    """Loss of one training phase on `data` before and after `steps` Adam steps on that phase's component."""
+    import torch
+
+    from flowood_ray.models.catalog import family
+
+    phase = family(family_name).phases[phase_index]
+    with torch.no_grad():
+        before, _ = phase.loss(modules, data, None)
+    optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=lr)
+    for _ in range(steps):
+        loss, _ = phase.loss(modules, data, None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after, _ = phase.loss(modules, data, None)
+    return float(before), float(after)
+
+
 def kill_after_commits(cmd: list[str], commits: Path, count: int, timeout_s: float = 300) -> int:
     """Run `cmd` in its own session, SIGKILL the whole group once `count` shards are committed in
     `commits`, and return how many were committed by then."""
