@@ -2,7 +2,8 @@
 
 `mlflow.pyfunc.load_model("models:/flowood-glow@champion").predict(crops)` takes uint8 face
 crops (N, H, W, 3) and returns one column per score; it rebuilds the modules through our
-own code from the bundle's configs and state_dicts, never from a pickle.
+own code from the bundle's configs and state_dicts, never from a pickle. For the clip family the
+crops are read as one video's frames in temporal order.
 """
 
 from __future__ import annotations
