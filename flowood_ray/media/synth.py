@@ -909,7 +909,10 @@ def encode_video(frames: np.ndarray, path: Path, crf: int, fps: int) -> int:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium"}
+        # Macroblock-tree rate control made the bitstream differ between runs of the same frames with
+        # the x264 builds in PyAV's wheels (16.x and 18.x, single-threaded; asm=0 also cures it), so
+        # the benchmark would not be reproducible; CRF without mbtree is.
+        stream.options = {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
         stream.thread_count = 1
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
