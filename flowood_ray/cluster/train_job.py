@@ -41,12 +41,14 @@ def calibrate_bundle(bundle: ModelBundle, images: np.ndarray, video_ids: np.ndar
         bundle.extra["lambda_s"] = float(np.quantile(flat, LAMBDA_S_QUANTILE))
         bundle.extra["lambda_p"] = float(np.quantile(flat, LAMBDA_P_QUANTILE))
     scorer = build_scorer(bundle)
-    if scorer.typicality:
-        # Typicality needs the model's entropy estimate on real data: the mean real NLL.
-        _, base, key = scorer.typicality
-        bundle.extra[key] = float(score_videos(scorer, images, video_ids, SCORE_BATCH)[base].mean())
-        scorer = build_scorer(bundle)
     scores = score_videos(scorer, images, video_ids, SCORE_BATCH)
+    if scorer.typicality:
+        # Typicality needs the model's entropy estimate on real data, the mean real NLL; the other
+        # scores do not depend on it, so they are not computed again.
+        _, base, key = scorer.typicality
+        bundle.extra[key] = float(scores[base].mean())
+        scorer = build_scorer(bundle)
+        scores = scorer.with_typicality(scores)
     frame = calibrate(scores, "frame")
     _, per_video = scorer.aggregate(video_ids, scores)
     # Validation splits hold few videos; video thresholds are then near the sample maximum (logged).
