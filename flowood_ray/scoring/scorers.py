@@ -67,7 +67,8 @@ class Scorer:
         raise NotImplementedError
 
     def score_video(self, crops: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
-        """Frame scores of one video's crops (temporal order), at most `batch_size` crops per forward."""
+        """Frame scores of one video's crops (temporal order), at most `batch_size` crops per forward for
+        image scorers; a clip scorer takes the whole video at once, bounded by the sampling cap."""
         if self.scores_clips:
             return self.score(crops)
         parts = [self.score(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
