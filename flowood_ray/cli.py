@@ -202,12 +202,12 @@ def demo(
     epochs: Annotated[int | None, typer.Option(help="training epochs per phase (default: the demo's)")] = None,
 ) -> None:
     """Synthesise an archive, preprocess, train, register, score the test split and write a report."""
-    from flowood_ray.demo import DemoConfig, run_demo
+    from flowood_ray.demo import DEMO_FAMILIES, DemoConfig, run_demo
     from flowood_ray.evaluate import format_table
 
     config = DemoConfig(identities=identities)
     if epochs is not None:
-        config = config.model_copy(update={f"{family}_epochs": epochs for family in ("glow", "vqvae", "clip", "patch")})
+        config = config.model_copy(update={f"{family}_epochs": epochs for family in DEMO_FAMILIES})
     result = run_demo(workdir, config)
     typer.echo(format_table(result["rows"], "video"))
     typer.echo(format_table(result["rows"], "frame"))

@@ -1,7 +1,8 @@
 """`flowood demo`: the whole product on one machine with embedded defaults.
 
-synthesise an archive -> crop faces on Ray Data -> train Glow, the VQ-VAE, the clip flow and the
-patch-texture flow with DDP on Ray Train -> register and promote in MLflow (SQLite in the work directory) -> score the test split -> report.
+synthesise an archive -> crop faces on Ray Data -> train Glow, the VQ-VAE, the clip flow, the
+patch-texture flow and the supervised classifier with DDP on Ray Train -> register and promote in
+MLflow (SQLite in the work directory) -> score the test split -> report.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class DemoConfig(BaseModel):
     vqvae_epochs: int = 8
     clip_epochs: int = 8
     patch_epochs: int = 8
+    classifier_epochs: int = 8
     batch_size: int = 32
     seed: int = 0
     glow: dict[str, Any] = Field(
@@ -56,6 +58,13 @@ class DemoConfig(BaseModel):
             "patch": {"image_size": 64, "patch": 8, "stride": 4, "n_layers": 1, "hidden": 32, "bottleneck": 4}
         }
     )
+    classifier: dict[str, Any] = Field(
+        default_factory=lambda: {"classifier": {"image_size": 64, "widths": [32, 64, 128]}, "abnormality": {"hidden": 64}}
+    )
+
+
+# Trained, registered and scored in this order; each has `<name>_epochs` and `<name>` (model configs) above.
+DEMO_FAMILIES = ("glow", "vqvae", "clip", "patch", "classifier")
 
 
 def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
@@ -94,13 +103,11 @@ def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
                    CropConfig(size=config.crop_size), workers=config.workers)
     lap("preprocess")
     versions = {}
-    families = (("glow", config.glow_epochs, config.glow), ("vqvae", config.vqvae_epochs, config.vqvae),
-                ("clip", config.clip_epochs, config.clip), ("patch", config.patch_epochs, config.patch))
-    for family, epochs, models in families:
+    for family in DEMO_FAMILIES:
         summary = train_and_register(
-            crops, TrainConfig(family=family, epochs=epochs, batch_size=config.batch_size, workers=config.workers,
-                               seed=config.seed),
-            models, f"demo-{family}", workdir / "ray_results", tracking_uri,
+            crops, TrainConfig(family=family, epochs=getattr(config, f"{family}_epochs"), batch_size=config.batch_size,
+                               workers=config.workers, seed=config.seed),
+            getattr(config, family), f"demo-{family}", workdir / "ray_results", tracking_uri,
         )
         promote(summary["name"], summary["version"])
         versions[family] = {k: v for k, v in summary.items() if k != "calibration"}
@@ -108,7 +115,7 @@ def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
     scores = workdir / "scores"
     run_score(
         manifest.filter(pc.equal(manifest.column("split"), "test")), scores,
-        [f"models:/flowood-{family}@champion" for family, _, _ in families], sampling,
+        [f"models:/flowood-{family}@champion" for family in DEMO_FAMILIES], sampling,
         workers=config.workers, save_crops=True, tracking_uri=tracking_uri,
     )
     lap("score")

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None, family: str | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--face-fraction", type=float, default=1.0, help="central part of each crop the model sees")
     parser.add_argument("--highpass", action="store_true", help="model the high-frequency residual of the crops")
+    parser.add_argument("--fake-methods", nargs="+", metavar="METHOD",
+                        help="supervised families only: learn from these methods' fakes (default: all); "
+                        "leave one out to measure how the detector meets an unseen method")
     parser.add_argument("--model-config", type=json.loads, default={}, help='JSON, e.g. {"glow": {"levels": 3}}')
     parser.add_argument("--run-name", help="reuse a name to resume a killed run (default: FAMILY-DATA)")
     parser.add_argument("--storage", type=Path, default=Path("ray_results"), help="checkpoints (shared storage)")
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None, family: str | None = None) -> dict:
     train = TrainConfig(
         family=family, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
         use_gpu=args.gpu, seed=args.seed, input=ModelInput(face_fraction=args.face_fraction, highpass=args.highpass),
+        fake_methods=args.fake_methods,
     )
     summary = train_and_register(
         args.data, train, args.model_config, args.run_name or f"{family}-{args.data.resolve().name}",

@@ -137,6 +137,7 @@ TINY_MODELS = {
         "flow": {"n_layers": 4, "hidden": 32},
     },
     "patch": {"patch": {"image_size": 32, "patch": 4, "stride": 4, "n_layers": 2, "hidden": 16}},
+    "classifier": {"classifier": {"image_size": 32, "widths": [8, 16], "groups": 4}, "abnormality": {"hidden": 16}},
 }
 
 
@@ -158,24 +159,28 @@ def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) 
     return {"tracking_uri": uri, "summaries": summaries, "root": root}
 
 
-def phase_loss_before_and_after(family_name: str, phase_index: int, modules: dict, data, steps: int,
-                                lr: float = 3e-3) -> tuple[float, float]:
-    """Loss of one training phase on `data` before and after `steps` Adam steps on that phase's component."""
+def phase_loss_before_and_after(family_name: str, phase_index: int, modules: dict, batch: dict, steps: int,
+                                lr: float = 3e-3, seed: int | None = None) -> tuple[float, float]:
+    """Loss of one training phase on `batch` ({"image": ..., "label": ...}) before and after `steps` Adam
+    steps on that phase's component; with a seed, every evaluation draws the same random numbers."""
     import torch
 
     from flowood_ray.models.catalog import family
 
     phase = family(family_name).phases[phase_index]
+    def generator() -> torch.Generator | None:
+        return None if seed is None else torch.Generator().manual_seed(seed)
+
     with torch.no_grad():
-        before, _ = phase.loss(modules, data, None)
+        before, _ = phase.loss(modules, batch, generator())
     optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=lr)
     for _ in range(steps):
-        loss, _ = phase.loss(modules, data, None)
+        loss, _ = phase.loss(modules, batch, generator())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        after, _ = phase.loss(modules, data, None)
+        after, _ = phase.loss(modules, batch, generator())
     return float(before), float(after)
 
 

@@ -47,7 +47,7 @@ def clip_scorer():
     modules = build_modules("clip", TINY_MODELS["clip"])
     clips = torch.randint(0, 256, (6, 4, 32, 32, 3), dtype=torch.uint8)
     with torch.no_grad():
-        family("clip").phases[-1].loss(modules, clips, None)  # ActNorm's data-dependent init
+        family("clip").phases[-1].loss(modules, {"image": clips}, None)  # ActNorm's data-dependent init
     configs = {k: v.model_dump() for k, v in parse_configs("clip", TINY_MODELS["clip"]).items()}
     return build_scorer(ModelBundle(family="clip", configs=configs, modules=modules, code_version="test", extra={}))
 
@@ -88,7 +88,7 @@ def test_the_clip_flow_phase_lowers_the_embedding_nll() -> None:
     # Real-like clips: a fixed face pattern drifting slowly, plus noise.
     base = torch.randint(60, 200, (1, 1, 32, 32, 3), generator=generator)
     clips = (base + torch.randint(-20, 20, (32, 4, 1, 1, 1), generator=generator)).clamp(0, 255).to(torch.uint8)
-    before, after = phase_loss_before_and_after("clip", -1, modules, clips, steps=60)
+    before, after = phase_loss_before_and_after("clip", -1, modules, {"image": clips}, steps=60)
     assert after < before - 0.5
 
 

@@ -69,7 +69,7 @@ def test_training_lowers_the_patch_nll_and_the_scorer_is_batch_independent() -> 
     columns = torch.arange(32).view(1, 1, 32, 1)
     stripes = 128 + 60 * torch.sin(columns * 1.3 + phase_shift) + 3 * torch.randn(24, 32, 32, 3, generator=generator)
     images = stripes.clamp(0, 255).to(torch.uint8)
-    before, after = phase_loss_before_and_after("patch", 0, modules, images, steps=40)
+    before, after = phase_loss_before_and_after("patch", 0, modules, {"image": images}, steps=40)
     assert after < before - 0.3
 
     parsed = {k: v.model_dump() for k, v in parse_configs("patch", configs).items()}

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from flowood_ray.cluster.runtime import init_ray
 from flowood_ray.media.clips import cut_clips
 from flowood_ray.media.facecrop import ModelInput, crops_to_array, model_input
-from flowood_ray.media.shards import crop_size, read_videos, real_split_ids
+from flowood_ray.media.shards import crop_size, labelled_split_ids, read_videos, real_split_ids
 from flowood_ray.models.catalog import build_modules, family, parse_configs
 
 log = logging.getLogger(__name__)
@@ -49,18 +49,30 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(2, ge=0)
     shuffle_buffer: int = Field(2048, ge=0)
     input: ModelInput = ModelInput()
+    fake_methods: list[str] | None = Field(
+        None, description="supervised families: the manipulation methods whose train-split fakes they learn "
+        "from (default: every method in the crops); leave one out to measure an unseen method"
+    )
 
 
 def crop_datasets(
-    crops_dir: Path, image_size: int, input_config: ModelInput, clip_frames: int | None = None
+    crops_dir: Path, image_size: int, input_config: ModelInput, clip_frames: int | None = None,
+    supervised: bool = False, fake_methods: list[str] | None = None,
 ) -> dict[str, ray.data.Dataset]:
-    """Ray datasets of real train and val crops resized to the model's input size: one image per row,
-    or one clip of `clip_frames` consecutive crops per row for clip-level families."""
+    """Ray datasets of train and val crops resized to the model's input size, with their labels: one
+    image per row, or one clip of `clip_frames` consecutive crops per row for clip-level families.
+    Real videos only, unless `supervised` (then the fakes of `fake_methods` too)."""
     videos = read_videos(crops_dir)
-    ids = {split: real_split_ids(videos, split) for split in ("train", "val")}
+    ids = {
+        split: labelled_split_ids(videos, split, fake_methods) if supervised
+        else dict.fromkeys(real_split_ids(videos, split), 0)
+        for split in ("train", "val")
+    }
     for split, chosen in ids.items():
-        if not chosen:
+        if not chosen or not any(label == 0 for label in chosen.values()):
             raise ValueError(f"{crops_dir} has no real {split} videos with faces; training needs both train and val")
+        if supervised and all(label == 0 for label in chosen.values()):
+            raise ValueError(f"{crops_dir} has no fake {split} videos with faces; a supervised family needs them")
     files = sorted(str(p) for p in (Path(crops_dir) / "crops").glob("part-*.parquet"))
     kwargs: dict[str, Any] = {"crop_size": crop_size(crops_dir), "image_size": image_size, "config": input_config}
     if clip_frames is None:
@@ -82,26 +94,29 @@ def crop_datasets(
 
 
 def _select_images(
-    batch: pa.Table, ids: list[str], crop_size: int, image_size: int, config: ModelInput
+    batch: pa.Table, ids: dict[str, int], crop_size: int, image_size: int, config: ModelInput
 ) -> dict[str, np.ndarray]:
-    rows = batch.filter(pc.is_in(batch.column("video_id"), value_set=pa.array(ids)))
+    rows = batch.filter(pc.is_in(batch.column("video_id"), value_set=pa.array(list(ids))))
     images = crops_to_array(rows, crop_size) if rows.num_rows else np.zeros((0, crop_size, crop_size, 3), np.uint8)
-    return {"image": model_input(images, image_size, config)}
+    labels = np.array([ids[v] for v in rows.column("video_id").to_pylist()], np.uint8)
+    return {"image": model_input(images, image_size, config), "label": labels}
 
 
 def _select_clips(
-    batch: pa.Table, ids: list[str], crop_size: int, image_size: int, config: ModelInput, clip_frames: int
+    batch: pa.Table, ids: dict[str, int], crop_size: int, image_size: int, config: ModelInput, clip_frames: int
 ) -> dict[str, np.ndarray]:
     clips = [np.zeros((0, clip_frames, image_size, image_size, 3), np.uint8)]
+    labels = [np.zeros(0, np.uint8)]
     for path in batch.column("path").to_pylist():
         table = pq.read_table(path, columns=["video_id", "frame_index", "crop"],
-                              filters=pc.field("video_id").isin(ids))
+                              filters=pc.field("video_id").isin(list(ids)))
         table = table.sort_by([("video_id", "ascending"), ("frame_index", "ascending")])
         images = model_input(crops_to_array(table, crop_size), image_size, config) if table.num_rows else None
         video_ids = np.asarray(table.column("video_id").to_pylist())
         for vid in np.unique(video_ids):
             clips.append(cut_clips(images[video_ids == vid], clip_frames)[0])
-    return {"image": np.concatenate(clips)}
+            labels.append(np.full(len(clips[-1]), ids[vid], np.uint8))
+    return {"image": np.concatenate(clips), "label": np.concatenate(labels)}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -153,12 +168,12 @@ def _train_loop(config: dict[str, Any]) -> None:
                     # Data-dependent init (ActNorm) happens on this first forward, before DDP wraps the
                     # module, so DDP's broadcast of rank 0's state makes every replica start identical.
                     with torch.no_grad():
-                        phase.loss(modules, images, generator)
+                        phase.loss(modules, batch, generator)
                     wrapped[phase.trains] = ray.train.torch.prepare_model(modules[phase.trains], move_to_device=False)
                     optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=tc.lr)
                     if phase.name in optim_states:
                         optimizer.load_state_dict(optim_states[phase.name])
-                loss, metrics = phase.loss(wrapped, images, generator)
+                loss, metrics = phase.loss(wrapped, batch, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(modules[phase.trains].parameters(), tc.grad_clip)
@@ -191,10 +206,9 @@ def _validate(phase, modules, shard, tc: TrainConfig, device) -> tuple[float, fl
     generator = torch.Generator(device="cpu").manual_seed(12345)
     total, count = 0.0, 0.0
     for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device, dtypes=torch.uint8):
-        images = batch["image"]
-        _, metrics = phase.loss(modules, images, generator)
-        total += metrics[phase.metric] * len(images)
-        count += len(images)
+        _, metrics = phase.loss(modules, batch, generator)
+        total += metrics[phase.metric] * len(batch["image"])
+        count += len(batch["image"])
     return total, count
 
 
@@ -237,7 +251,8 @@ def fit(
     parsed = parse_configs(train.family, model_configs)
     fam = family(train.family)
     clip_frames = fam.clip_frames(parsed) if fam.clip_frames else None
-    datasets = crop_datasets(Path(crops_dir), fam.image_size(parsed), train.input, clip_frames)
+    datasets = crop_datasets(Path(crops_dir), fam.image_size(parsed), train.input, clip_frames,
+                             supervised=fam.supervised, fake_methods=train.fake_methods)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={

@@ -127,6 +127,20 @@ def real_split_ids(videos: pa.Table, split: str) -> list[str]:
     return sorted(rows.to_pylist())
 
 
+def labelled_split_ids(videos: pa.Table, split: str, methods: Sequence[str] | None = None) -> dict[str, int]:
+    """video_id -> label (0 real, 1 fake) for a split's videos with crops: every real one, and the fakes
+    of `methods` (all methods when None). Only supervised families train on this."""
+    has_faces = (pc.field("split") == split) & (pc.field("faces") > 0)
+    fake = pc.field("label") == 1
+    if methods is not None:
+        known = set(videos.filter(fake).column("method").to_pylist())
+        if unknown := set(methods) - known:
+            raise ValueError(f"no fakes of method(s) {sorted(unknown)} in these crops; methods present: {sorted(known)}")
+        fake = fake & pc.field("method").isin(list(methods))
+    rows = videos.filter(has_faces & ((pc.field("label") == 0) | fake))
+    return dict(sorted(zip(rows.column("video_id").to_pylist(), rows.column("label").to_pylist())))
+
+
 def read_crop_images(out: Path, video_ids: Sequence[str], size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, S, S, 3), video_ids (N,)) for the given videos, optionally resized to `size`."""
     table = crop_dataset(out).to_table(

@@ -17,14 +17,20 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from flowood_ray.models.classifier import (
+    AbnormalityConfig, AbnormalityModule, FakeClassifier, FakeClassifierConfig, auxiliary, balanced_mean,
+    synthesize_outliers,
+)
 from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig
 from flowood_ray.models.glow import Glow, GlowConfig, preprocess
 from flowood_ray.models.patch_density import PatchDensity, PatchDensityConfig
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
 
-# loss(modules, uint8 images (N, H, W, 3) or clips (N, T, H, W, 3), generator) -> (loss, metrics to log)
-LossFn = Callable[[Mapping[str, nn.Module], Tensor, torch.Generator | None], tuple[Tensor, dict[str, float]]]
+# loss(modules, batch, generator) -> (loss, metrics to log). A batch holds "image": uint8 images
+# (N, H, W, 3) or clips (N, T, H, W, 3), and "label": (N,) 0 for real, 1 for fake.
+Batch = Mapping[str, Tensor]
+LossFn = Callable[[Mapping[str, nn.Module], Batch, torch.Generator | None], tuple[Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,12 @@ class Family:
     image_size: Callable[[Mapping[str, BaseModel]], int]
     # Frames per training sample for families that model clips; None for per-image families.
     clip_frames: Callable[[Mapping[str, BaseModel]], int] | None = None
+    # Trained on fakes as well as reals (labelled); every other family sees real footage only.
+    supervised: bool = False
 
 
-def _glow_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+def _glow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    images = batch["image"]
     glow = modules["glow"]
     config: GlowConfig = getattr(glow, "module", glow).config
     x = preprocess(images, config.n_bits, "uniform", generator)
@@ -66,13 +75,14 @@ def mutate_pixels(images: Tensor, rate: float, generator: torch.Generator | None
 BACKGROUND_MUTATION_RATE = 0.2
 
 
-def _background_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
-    mutated = mutate_pixels(images, BACKGROUND_MUTATION_RATE, generator)
-    loss, metrics = _glow_loss({"glow": modules["background"]}, mutated, generator)
+def _background_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    mutated = mutate_pixels(batch["image"], BACKGROUND_MUTATION_RATE, generator)
+    loss, metrics = _glow_loss({"glow": modules["background"]}, {"image": mutated}, generator)
     return loss, {"background_bpd": metrics["bpd"]}
 
 
-def _vqvae_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+def _vqvae_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    images = batch["image"]
     vqvae = modules["vqvae"]
     config: VQVAEConfig = getattr(vqvae, "module", vqvae).config
     x = preprocess(images, 8, "center")
@@ -82,7 +92,8 @@ def _vqvae_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: tor
     return loss, {"recon": float(recon_loss.detach()), "vq": float(vq_loss.detach()), "loss": float(loss.detach())}
 
 
-def _prior_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+def _prior_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    images = batch["image"]
     vqvae = getattr(modules["vqvae"], "module", modules["vqvae"])
     with torch.no_grad():
         codes = vqvae.encode(preprocess(images, 8, "center"))
@@ -92,13 +103,15 @@ def _prior_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: tor
     return loss, {"code_nll": float(loss.detach())}
 
 
-def _clip_autoencoder_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+def _clip_autoencoder_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    clips = batch["image"]
     x = getattr(modules["encoder"], "module", modules["encoder"]).prepare(clips)
     loss = F.mse_loss(modules["encoder"](x), x)
     return loss, {"recon": float(loss.detach())}
 
 
-def _clip_flow_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+def _clip_flow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    clips = batch["image"]
     autoencoder: ClipAutoencoder = getattr(modules["encoder"], "module", modules["encoder"])
     with torch.no_grad():
         embedding = autoencoder.encoder(autoencoder.prepare(clips))
@@ -108,11 +121,43 @@ def _clip_flow_loss(modules: Mapping[str, nn.Module], clips: Tensor, generator: 
     return loss, {"nll": float(loss.detach())}
 
 
-def _patch_loss(modules: Mapping[str, nn.Module], images: Tensor, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+def _patch_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    images = batch["image"]
     density: PatchDensity = getattr(modules["patch"], "module", modules["patch"])
     # Nats per patch dimension over every patch of every crop, the unit of the patch_nll score.
     loss = (-modules["patch"](images) / density.dim).mean()
     return loss, {"nll": float(loss.detach())}
+
+
+def _classifier_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    classifier: FakeClassifier = getattr(modules["classifier"], "module", modules["classifier"])
+    images, labels = batch["image"], batch["label"].long()
+    reals = images[labels == 0]
+    reals = reals[: round(classifier.config.blended_fakes * len(reals))]
+    if len(reals):
+        images = torch.cat([images, synthesize_outliers(reals, generator)])
+        labels = torch.cat([labels, torch.ones(len(reals), dtype=torch.long, device=labels.device)])
+    x = preprocess(images, 8, "center")
+    output = modules["classifier"](x)
+    ce = balanced_mean(F.cross_entropy(output.logits, labels, reduction="none"), labels)
+    recon = F.l1_loss(output.recon, x)
+    loss = ce + classifier.config.recon_weight * recon
+    return loss, {"ce": float(ce.detach()), "recon": float(recon.detach()), "loss": float(loss.detach())}
+
+
+def _abnormality_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    classifier: FakeClassifier = getattr(modules["classifier"], "module", modules["classifier"])
+    grid = getattr(modules["abnormality"], "module", modules["abnormality"]).config.residual_grid
+    images, labels = batch["image"], batch["label"]
+    # Outliers start from real faces: a new manipulation of real footage is what the module must flag.
+    sources = images[labels == 0] if bool((labels == 0).any()) else images
+    inputs = torch.cat([images, synthesize_outliers(sources, generator)])
+    target = torch.cat([torch.zeros(len(images)), torch.ones(len(sources))]).to(images.device)
+    with torch.no_grad():
+        x = preprocess(inputs, 8, "center")
+        aux = auxiliary(classifier(x), x, grid)
+    bce = balanced_mean(F.binary_cross_entropy_with_logits(modules["abnormality"](aux), target, reduction="none"), target)
+    return bce, {"bce": float(bce.detach())}
 
 
 FAMILIES: dict[str, Family] = {
@@ -142,6 +187,14 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("patch", "patch", _patch_loss, "nll"),),
         image_size=lambda c: c["patch"].image_size,  # type: ignore[attr-defined]
     ),
+    # Seed 004: supervised on the train split's fakes, with an abnormality module for unseen methods.
+    "classifier": Family(
+        components={"classifier": (FakeClassifierConfig, FakeClassifier), "abnormality": (AbnormalityConfig, AbnormalityModule)},
+        phases=(Phase("classifier", "classifier", _classifier_loss, "ce"),
+                Phase("abnormality", "abnormality", _abnormality_loss, "bce")),
+        image_size=lambda c: c["classifier"].image_size,  # type: ignore[attr-defined]
+        supervised=True,
+    ),
 }
 
 
@@ -154,7 +207,8 @@ def family(name: str) -> Family:
 def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, BaseModel]:
     """Validate per-component configs (missing components get their defaults). Shapes one component
     takes from another are filled in here, so a user never has to keep them consistent by hand: the
-    prior's vocabulary and map size are the VQ-VAE's, the clip flow's dimension is the encoder's width."""
+    prior's vocabulary and map size are the VQ-VAE's, the clip flow's dimension is the encoder's width,
+    the abnormality module's feature width is the classifier's."""
     fam = family(name)
     unknown = set(configs) - set(fam.components)
     if unknown:
@@ -165,6 +219,8 @@ def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[s
         if name == "vqvae" and comp == "prior":
             vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
             values.update(num_codes=vq.codebook_size, height=vq.code_size, width=vq.code_size)
+        if name == "classifier" and comp == "abnormality":
+            values["feature_dim"] = parsed["classifier"].widths[-1]  # type: ignore[attr-defined]
         if name == "clip" and comp == "flow":
             values["dim"] = parsed["encoder"].encoder.embed_dim  # type: ignore[attr-defined]
         parsed[comp] = cls(**values)

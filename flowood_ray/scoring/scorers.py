@@ -18,6 +18,7 @@ import torch
 
 from flowood_ray.media.clips import cut_clips, frame_means
 from flowood_ray.media.facecrop import ModelInput, model_input
+from flowood_ray.models.classifier import AbnormalityModule, FakeClassifier, auxiliary, fake_or_abnormal, odin_score
 from flowood_ray.models.clip_embedder import ClipAutoencoder
 from flowood_ray.models.glow import Glow, preprocess
 from flowood_ray.models.patch_density import PatchDensity
@@ -212,8 +213,42 @@ class ClipFlowScorer(Scorer):
         return {k: frame_means(v.cpu().numpy(), starts, self.clip_frames, len(crops)) for k, v in per_clip.items()}
 
 
+class ClassifierScorer(Scorer):
+    """Seed 004: the supervised classifier's fake log-odds, three out-of-distribution readings of it
+    (MSP, energy, ODIN), its reconstruction error, the abnormality module trained on synthetic
+    outliers, and the two detectors together: a face is flagged if it looks like a known
+    manipulation or like none of the faces the classifier was trained on."""
+
+    family = "classifier"
+    primary = "cls_fake_or_abnormal"
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.classifier: FakeClassifier = bundle.modules["classifier"]  # type: ignore[assignment]
+        self.abnormality: AbnormalityModule = bundle.modules["abnormality"]  # type: ignore[assignment]
+        self.image_size = self.classifier.config.image_size
+
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        x = preprocess(self.model_input(crops), 8, "center")
+        with torch.no_grad():
+            output = self.classifier(x)
+            abnormal = self.abnormality(auxiliary(output, x, self.abnormality.config.residual_grid))
+        fake = output.logits[:, 1] - output.logits[:, 0]
+        scores = {
+            "cls_fake": fake,
+            "cls_msp": 1 - output.logits.softmax(dim=1).max(dim=1).values,
+            "cls_energy": -torch.logsumexp(output.logits, dim=1),
+            "cls_odin": odin_score(self.classifier, x),
+            "cls_recon": (output.recon - x).abs().flatten(1).mean(1),
+            "cls_abnormality": abnormal,
+            "cls_fake_or_abnormal": fake_or_abnormal(fake, abnormal),
+        }
+        return {k: v.detach().double().cpu().numpy() for k, v in scores.items()}
+
+
 SCORERS: dict[str, type[Scorer]] = {
     "glow": GlowScorer, "vqvae": VQVAEScorer, "clip": ClipFlowScorer, "patch": PatchScorer,
+    "classifier": ClassifierScorer,
 }
 
 
