@@ -47,6 +47,21 @@ class ClassifierOutput(NamedTuple):
     recon: Tensor  # (N, 3, H, W): the input reconstructed from the trunk
 
 
+# Binomial 5-tap low-pass: blending a donor towards or away from it blurs or sharpens it.
+_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+
+
+def _low_pass(x: Tensor) -> Tensor:
+    c = x.shape[1]
+    k = _BINOMIAL.to(x)
+    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+
+
+# Residuals of the binomial blur are a few grey levels; this brings them to the image's scale.
+HIGHPASS_GAIN = 8.0
+
+
 class _DownBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, groups: int) -> None:
         super().__init__()
@@ -71,7 +86,9 @@ class FakeClassifier(nn.Module):
         super().__init__()
         self.config = config
         widths, groups = config.widths, config.groups
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1), nn.GroupNorm(groups, widths[0]), nn.SiLU())
+        # The image and its high-pass residual: blending seams and re-sampling blur live in the top
+        # octave, which a randomly initialised stem would take many epochs to single out.
+        self.stem = nn.Sequential(nn.Conv2d(6, widths[0], 3, padding=1), nn.GroupNorm(groups, widths[0]), nn.SiLU())
         self.down = nn.Sequential(*[_DownBlock(a, b, groups) for a, b in zip((widths[0], *widths[:-1]), widths)])
         self.head = nn.Linear(widths[-1], 2)
         ups = list(reversed(widths))
@@ -83,7 +100,8 @@ class FakeClassifier(nn.Module):
         return self.config.widths[-1]
 
     def forward(self, x: Tensor) -> ClassifierOutput:
-        trunk = self.down(self.stem(x))
+        detail = HIGHPASS_GAIN * (x - _low_pass(x))
+        trunk = self.down(self.stem(torch.cat([x, detail], dim=1)))
         features = trunk.mean(dim=(2, 3))
         return ClassifierOutput(self.head(features), features, self.to_image(self.up(trunk)))
 
@@ -117,17 +135,6 @@ class AbnormalityModule(nn.Module):
 
     def forward(self, aux: Tensor) -> Tensor:
         return self.net(aux).squeeze(1)
-
-
-# Binomial 5-tap low-pass: blending a donor towards or away from it blurs or sharpens it.
-_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
-
-
-def _low_pass(x: Tensor) -> Tensor:
-    c = x.shape[1]
-    k = _BINOMIAL.to(x)
-    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
 
 
 def _uniform(generator: torch.Generator | None, n: int, low: float, high: float, *shape: int) -> Tensor:
