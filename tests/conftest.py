@@ -143,7 +143,7 @@ TINY_MODELS = {
 
 @pytest.fixture(scope="session")
 def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every family, tiny, trained with 2 DDP workers and registered in a session SQLite MLflow."""
+    """Every family, tiny, trained for 2 epochs per phase with 2 DDP workers and registered in a session SQLite MLflow."""
     from flowood_ray.cluster.train import TrainConfig
     from flowood_ray.cluster.train_job import train_and_register
 
@@ -151,7 +151,7 @@ def trained_models(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     summaries = {
         name: train_and_register(
-            synth_crops, TrainConfig(family=name, epochs=1, batch_size=16, workers=2), TINY_MODELS[name],
+            synth_crops, TrainConfig(family=name, epochs=2, batch_size=16, workers=2), TINY_MODELS[name],
             f"test-{name}", root / "ray_results", uri,
         )
         for name in TINY_MODELS

@@ -79,6 +79,7 @@ def test_odin_perturbation_raises_the_top_softmax_and_is_per_input() -> None:
     odin = odin_score(classifier, x)
     # A step against the gradient of -log max softmax can only raise the max softmax (to first order).
     assert (odin <= msp_t + 1e-7).all() and (odin < msp_t).any()
+    assert all(p.grad is None for p in classifier.parameters())
     torch.testing.assert_close(torch.cat([odin_score(classifier, x[i : i + 1]) for i in range(6)]), odin)
 
 

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 GLOW = "models:/flowood-glow@champion"
 VQVAE = "models:/flowood-vqvae@champion"
 CLIP = "models:/flowood-clip@champion"
+CLASSIFIER = "models:/flowood-classifier@champion"
 MULTIPLEX = "serve_multiplexed_model_id"
 TOKEN = "s3cret-test-token"
 BODY_LIMIT = 1_000_000
@@ -90,14 +91,14 @@ def noise_frames(n: int) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def registry(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """flowood-glow versions 1 (champion) and 2 (candidate, same weights); flowood-vqvae 1 and flowood-clip 1
-    (champions)."""
+    """flowood-glow versions 1 (champion) and 2 (candidate, same weights); flowood-vqvae 1, flowood-clip 1
+    and flowood-classifier 1 (champions)."""
     from flowood_ray.cluster.train import TrainConfig
     from flowood_ray.cluster.train_job import train_and_register
 
     root = tmp_path_factory.mktemp("serve_registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    for name in ("glow", "vqvae", "clip"):
+    for name in ("glow", "vqvae", "clip", "classifier"):
         summary = train_and_register(
             synth_crops, TrainConfig(family=name, epochs=1, batch_size=16, workers=2), TINY_MODELS[name],
             f"serve-{name}", root / "ray_results", uri,
@@ -119,7 +120,7 @@ def server(registry: str) -> Iterator[Server]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         settings = ServeSettings(
-            models=[GLOW, VQVAE, CLIP], tracking_uri=registry, token=None, alias_refresh_s=0.0,
+            models=[GLOW, VQVAE, CLIP, CLASSIFIER], tracking_uri=registry, token=None, alias_refresh_s=0.0,
             max_body_bytes=BODY_LIMIT, max_video_seconds=MAX_SECONDS, frames_per_video=FRAMES_PER_VIDEO,
             max_heatmaps=MAX_HEATMAPS,
         )
@@ -180,12 +181,14 @@ def test_health_docs_and_models(server: Server) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert set(models) == {"flowood-glow", "flowood-vqvae", "flowood-clip"}
+    assert set(models) == {"flowood-glow", "flowood-vqvae", "flowood-clip", "flowood-classifier"}
     glow, vq, clip = models["flowood-glow"], models["flowood-vqvae"], models["flowood-clip"]
     assert (glow["version"], glow["default"], glow["family"]) == ("1", True, "glow")
     assert "champion" in glow["aliases"] and (vq["version"], vq["family"]) == ("1", "vqvae")
     assert (clip["version"], clip["family"], clip["score"]) == ("1", "clip", "clip_nll")
-    for entry, uri in ((glow, GLOW), (vq, VQVAE), (clip, CLIP)):
+    classifier = models["flowood-classifier"]
+    assert (classifier["family"], classifier["score"]) == ("classifier", "cls_fake_or_abnormal")
+    for entry, uri in ((glow, GLOW), (vq, VQVAE), (clip, CLIP), (classifier, CLASSIFIER)):
         scorer = bare_scorer(uri, server.tracking_uri)
         calibration = scorer.bundle.calibration
         assert entry["score"] == scorer.primary == calibration["primary"]
@@ -280,6 +283,21 @@ def test_the_clip_family_scores_videos_and_refuses_images(server: Server, face: 
         "/v1/score/image", content=encode(face, ".png"), headers={"content-type": "image/png", MULTIPLEX: CLIP}
     )
     assert_error(image, 400, "video_only_model")
+
+
+def test_the_classifier_scores_images_as_the_bare_model_does(server: Server, face: np.ndarray) -> None:
+    response = server.client.post(
+        "/v1/score/image", content=encode(face, ".png"), headers={"content-type": "image/png", MULTIPLEX: CLASSIFIER}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"]["family"] == "classifier" and body["faces"]
+    scorer = bare_scorer(CLASSIFIER, server.tracking_uri)
+    for name, values in bare_scores(face, scorer).items():
+        # ODIN included: its input gradient is taken inside the request as in the bare scorer.
+        np.testing.assert_allclose([f["scores"][name] for f in body["faces"]], values, rtol=0, atol=1e-4)
+    for result in body["faces"]:
+        assert result["score"] == result["scores"]["cls_fake_or_abnormal"]
 
 
 def test_heatmaps_for_the_vqvae_family_only(server: Server, face: np.ndarray, tmp_path: Path) -> None:

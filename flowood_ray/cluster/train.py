@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -132,13 +133,15 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     modules = {k: m.to(device) for k, m in build_modules(tc.family, config["models"]).items()}
     done_epochs, optim_states = 0, {}
+    # phase name -> {"metric", "epoch", "state"}: the component's weights at its lowest validation metric.
+    best: dict[str, dict[str, Any]] = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
-        done_epochs, optim_states = state["epoch"], state["optimizers"]
+        done_epochs, optim_states, best = state["epoch"], state["optimizers"], state.get("best", {})
         log.info("rank %d resumed after epoch %d", rank, done_epochs)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
     generator = torch.Generator(device="cpu").manual_seed(tc.seed * 1000 + rank)
@@ -151,7 +154,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         modules[phase.trains].requires_grad_(True)
         wrapped: dict[str, torch.nn.Module] = dict(modules)
         optimizer: torch.optim.Optimizer | None = None
-        for _ in range(tc.epochs):
+        for phase_epoch in range(1, tc.epochs + 1):
             epoch += 1
             if epoch <= done_epochs:
                 continue
@@ -189,13 +192,28 @@ def _train_loop(config: dict[str, Any]) -> None:
                 dist.all_reduce(totals)
                 val = (float(totals[0]), float(totals[1]))
             report = {f"train_{k}": v / max(batches, 1) for k, v in train_sums.items()}
+            current = val[0] / max(val[1], 1.0)
+            _keep_best(best, phase.name, current, epoch, modules[phase.trains])
+            if phase_epoch == tc.epochs:
+                # The next phase, and the registered model, start from this phase's best epoch; the
+                # validation metric is all-reduced, so every replica restores the same one.
+                modules[phase.trains].load_state_dict(best[phase.name]["state"])
             report.update({
-                f"val_{phase.metric}": val[0] / max(val[1], 1.0), "epoch": epoch, "phase": phase.name,
+                f"val_{phase.metric}": current, f"best_val_{phase.metric}": best[phase.name]["metric"],
+                "best_epoch": best[phase.name]["epoch"], "epoch": epoch, "phase": phase.name,
                 "train_samples_per_s": throughput,
             })
             if optimizer is not None:
                 optim_states[phase.name] = optimizer.state_dict()
-            _report(rank, epoch, modules, optim_states, report, client, config["run_id"])
+            _report(rank, epoch, modules, optim_states, best, report, client, config["run_id"])
+
+
+def _keep_best(best: dict[str, dict[str, Any]], phase: str, metric: float, epoch: int, module: torch.nn.Module) -> None:
+    """Remember `module`'s weights if `metric` is the phase's lowest finite validation metric so far."""
+    held = best.get(phase)
+    if held is None or (math.isfinite(metric) and not metric >= held["metric"]):
+        best[phase] = {"metric": metric, "epoch": epoch,
+                       "state": {k: v.detach().clone() for k, v in module.state_dict().items()}}
 
 
 @torch.no_grad()
@@ -212,7 +230,7 @@ def _validate(phase, modules, shard, tc: TrainConfig, device) -> tuple[float, fl
     return total, count
 
 
-def _report(rank, epoch, modules, optim_states, metrics, client, run_id) -> None:
+def _report(rank, epoch, modules, optim_states, best, metrics, client, run_id) -> None:
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     if rank != 0:
         ray.train.report(numeric)
@@ -223,7 +241,8 @@ def _report(rank, epoch, modules, optim_states, metrics, client, run_id) -> None
     log.info("epoch %d %s", epoch, json.dumps(metrics))
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(
-            {"epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()}, "optimizers": optim_states},
+            {"epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()}, "optimizers": optim_states,
+             "best": best},
             Path(tmp) / "state.pt",
         )
         ray.train.report(numeric, checkpoint=Checkpoint.from_directory(tmp))

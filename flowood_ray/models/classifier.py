@@ -197,8 +197,9 @@ def odin_score(classifier: FakeClassifier, x: Tensor) -> Tensor:
     with torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
         log_p = F.log_softmax(classifier(x).logits / ODIN_TEMPERATURE, dim=1)
-        (-log_p.max(dim=1).values.sum()).backward()
-        perturbed = x - ODIN_EPSILON * x.grad.sign()
+        # autograd.grad leaves the parameters' .grad alone: scoring never accumulates gradients.
+        (grad,) = torch.autograd.grad(-log_p.max(dim=1).values.sum(), x)
+        perturbed = x - ODIN_EPSILON * grad.sign()
     with torch.no_grad():
         p = F.softmax(classifier(perturbed).logits / ODIN_TEMPERATURE, dim=1)
     return 1 - p.max(dim=1).values
