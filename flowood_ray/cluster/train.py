@@ -1,9 +1,11 @@
-"""Training on Ray Train: DDP over the real-only splits of the face-crop shards.
+"""Training on Ray Train: DDP over the train and val splits of the face-crop shards, real videos only
+except for supervised families, which also learn from the fakes.
 
 The driver owns MLflow (SQLite allows one writer): it opens the run, logs parameters, and after
 `fit` calibrates on real validation crops and registers the model. Rank 0 logs per-epoch
 metrics to the same run. Resuming is Ray Train V2's: rerun with the same run name and storage
-path and the latest checkpoint is picked up; the MLflow run with the same name is reused.
+path and the latest checkpoint is picked up; the MLflow run with the same name is reused. Each phase
+ends on the weights of its best validation epoch, which the checkpoints carry across a resume.
 """
 
 from __future__ import annotations
