@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import Tensor, nn
 
+from flowood_ray.models.filters import BINOMIAL5, separable_blur
+
 
 class FakeClassifierConfig(BaseModel):
     image_size: int = Field(64, ge=8)
@@ -45,17 +47,6 @@ class ClassifierOutput(NamedTuple):
     logits: Tensor  # (N, 2): real, fake
     features: Tensor  # (N, C): the pooled trunk features
     recon: Tensor  # (N, 3, H, W): the input reconstructed from the trunk
-
-
-# Binomial 5-tap low-pass: blending a donor towards or away from it blurs or sharpens it.
-_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
-
-
-def _low_pass(x: Tensor) -> Tensor:
-    c = x.shape[1]
-    k = _BINOMIAL.to(x)
-    x = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
 
 
 # Residuals of the binomial blur are a few grey levels; this brings them to the image's scale.
@@ -100,7 +91,7 @@ class FakeClassifier(nn.Module):
         return self.config.widths[-1]
 
     def forward(self, x: Tensor) -> ClassifierOutput:
-        detail = HIGHPASS_GAIN * (x - _low_pass(x))
+        detail = HIGHPASS_GAIN * (x - separable_blur(x, BINOMIAL5, "replicate"))
         trunk = self.down(self.stem(torch.cat([x, detail], dim=1)))
         features = trunk.mean(dim=(2, 3))
         return ClassifierOutput(self.head(features), features, self.to_image(self.up(trunk)))
@@ -158,7 +149,7 @@ def synthesize_outliers(images: Tensor, generator: torch.Generator | None) -> Te
     bias = _uniform(generator, n, -15.0, 15.0, 3, 1, 1).to(device)
     donor = donor * gain + bias
     sharpness = _uniform(generator, n, -1.0, 1.0, 1, 1, 1).to(device)
-    donor = donor + sharpness * (_low_pass(donor) - donor)
+    donor = donor + sharpness * (separable_blur(donor, BINOMIAL5, "replicate") - donor)
     scale = _uniform(generator, n, 0.94, 1.06).to(device)
     shift = _uniform(generator, n, -3.0, 3.0, 2).to(device) * 2 / torch.tensor([w, h], device=device)
     theta = torch.zeros(n, 2, 3, device=device)

@@ -10,13 +10,13 @@ of log-densities and a model learns from hundreds of samples per crop.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from flowood_ray.models.filters import gaussian_kernel, separable_blur
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
 
 # ITU-R BT.601 luma weights: the residual is modelled in grey levels.
@@ -44,13 +44,6 @@ class PatchDensityConfig(BaseModel):
         return self
 
 
-def _gaussian_kernel(sigma: float) -> Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 class PatchDensity(nn.Module):
     """``forward(images) -> log p`` of every patch, in nats, shape (N, rows, cols)."""
 
@@ -62,7 +55,7 @@ class PatchDensity(nn.Module):
             dim=self.dim, n_layers=config.n_layers, hidden=config.hidden, bottleneck=config.bottleneck,
             linear=config.linear,
         ))
-        self.register_buffer("kernel", _gaussian_kernel(config.sigma), persistent=False)
+        self.register_buffer("kernel", gaussian_kernel(config.sigma), persistent=False)
         self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
         self.grid = (config.image_size - config.patch) // config.stride + 1
 
@@ -71,11 +64,7 @@ class PatchDensity(nn.Module):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
         grey = (images.permute(0, 3, 1, 2).float() / 255.0 * self.luma).sum(1, keepdim=True)
-        pad = len(self.kernel) // 2
-        # Separable blur with reflected borders, so the crop edge is not a fake "seam".
-        blurred = F.conv2d(F.pad(grey, (pad, pad, 0, 0), mode="reflect"), self.kernel.view(1, 1, 1, -1))
-        blurred = F.conv2d(F.pad(blurred, (0, 0, pad, pad), mode="reflect"), self.kernel.view(1, 1, -1, 1))
-        return grey - blurred
+        return grey - separable_blur(grey, self.kernel, "reflect")
 
     def patches(self, images: Tensor) -> Tensor:
         """(N, rows * cols, patch**2) high-pass patches, row-major over the grid."""
