@@ -8,7 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from flowood_ray.media.datasets import (
@@ -20,12 +23,35 @@ from flowood_ray.media.datasets import (
     load_folder,
     manifest_summary,
 )
-from flowood_ray.media.manifest import MANIFEST_SCHEMA, video_id_for, write_manifest
+from flowood_ray.media.decode import probe
+from flowood_ray.media.image_datasets import (
+    kaggle_edited_regions,
+    load_cddb,
+    load_dfgc21,
+    load_kaggle_real_fake,
+)
+from flowood_ray.media.manifest import (
+    MANIFEST_SCHEMA,
+    read_manifest,
+    video_id_for,
+    write_manifest,
+)
 
 
 def touch(path: Path, size: int = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\0" * size)
+    return path
+
+
+def image(path: Path, value: int = 0) -> Path:
+    """A real 16x12 image file, so decoding the loaders' rows can be checked too.
+
+    At least 8 px a side: decode.py's header probe (IMREAD_REDUCED_COLOR_8) raises cv2.error on
+    smaller PNGs.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), np.full((12, 16, 3), value, np.uint8))
     return path
 
 
@@ -110,10 +136,27 @@ def test_faceforensics_qualities(ff_root: Path, caplog: pytest.LogCaptureFixture
 
 
 def test_faceforensics_masks(ff_root: Path) -> None:
-    rows = by_rel(load_faceforensics(ff_root, include_masks=True), ff_root)
-    mask = rows["manipulated_sequences/Deepfakes/masks/videos/000_001.mp4"]
-    assert (mask["label"], mask["method"], mask["split"]) == (None, "Deepfakes/masks", "train")
-    assert len(rows) == 11
+    # The fixture has Deepfakes/masks/videos/000_001.mp4. A Face2Face mask named like the
+    # unmasked Deepfakes fake 001_000 must not pair with it (catches pairing by name across
+    # methods); a mask without a fake and a macOS resource fork must not become rows.
+    touch(ff_root / "manipulated_sequences/Face2Face/masks/videos/003_002.mp4")
+    touch(ff_root / "manipulated_sequences/Face2Face/masks/videos/001_000.mp4")
+    touch(ff_root / "manipulated_sequences/Deepfakes/masks/videos/999_998.mp4")
+    touch(ff_root / "manipulated_sequences/Deepfakes/masks/videos/._001_000.mp4")
+    table = load_faceforensics(ff_root, qualities="all")
+    rows = by_rel(table, ff_root)
+    masks = {rel: r["mask_path"] for rel, r in rows.items() if r["mask_path"] is not None}
+    assert masks == {
+        "manipulated_sequences/Deepfakes/c23/videos/000_001.mp4":
+            str(ff_root / "manipulated_sequences/Deepfakes/masks/videos/000_001.mp4"),
+        # one mask folder serves every quality
+        "manipulated_sequences/Face2Face/c40/videos/003_002.mp4":
+            str(ff_root / "manipulated_sequences/Face2Face/masks/videos/003_002.mp4"),
+    }
+    assert rows["manipulated_sequences/Deepfakes/c23/videos/001_000.mp4"]["mask_path"] is None
+    assert not any("/masks/" in rel for rel in rows)
+    assert len(rows) == 15  # as many rows as without any mask folder (test_faceforensics_qualities)
+    assert manifest_summary(table)["masks"] == 2
 
 
 def test_faceforensics_split_locations(ff_root: Path) -> None:
@@ -361,8 +404,197 @@ def test_manifest_summary(dfdc_root: Path) -> None:
     summary = manifest_summary(load_dfdc(dfdc_root))
     assert summary == {
         "videos": 5,
+        "masks": 0,
         "label": {"fake": 2, "real": 2, "unknown": 1},
         "method": {"dfdc": 2, "real": 2, "unknown": 1},
         "split": {"train": 3, "unknown": 2},
         "source": {"dfdc": 5},
     }
+
+
+def test_csv_mask_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    archive = tmp_path / "archive"
+    for rel in ["a.mp4", "b.mp4", "c.mp4", "masks/b.mp4"]:
+        touch(archive / rel)
+    (archive / "list.csv").write_text(
+        "path,label,mask_path\n"
+        "a.mp4,0,\n"
+        "b.mp4,1,masks/b.mp4\n"
+        "c.mp4,1,masks/gone.png\n")
+    with caplog.at_level(logging.WARNING):
+        table = load_csv(archive / "list.csv")
+    # Relative mask paths resolve against the root like `path` (catches a mask left relative or
+    # resolved against the working directory); an empty cell is null, not "".
+    assert table.column("mask_path").to_pylist() == [None, str(archive / "masks/b.mp4"),
+                                                     str(archive / "masks/gone.png")]
+    assert "1 mask file(s) listed" in caplog.text
+
+
+def test_old_manifest_without_mask_path_reads_back_with_nulls(ff_root: Path, tmp_path: Path) -> None:
+    # A manifest written before mask_path existed: the new column is filled with nulls instead of
+    # the file being refused as "not a manifest"; a missing original column still is.
+    current = load_faceforensics(ff_root)
+    old = current.drop_columns(["mask_path"])
+    pq.write_table(old, tmp_path / "old.parquet")
+    table = read_manifest(tmp_path / "old.parquet")
+    assert table.schema.equals(MANIFEST_SCHEMA)
+    assert table.column("mask_path").to_pylist() == [None] * current.num_rows
+    assert table.drop_columns(["mask_path"]).equals(old)
+    assert build_manifest(tmp_path / "old.parquet").num_rows == current.num_rows
+    pq.write_table(old.drop_columns(["split"]), tmp_path / "broken.parquet")
+    with pytest.raises(ValueError, match=r"not a manifest: missing columns \['split'\]"):
+        read_manifest(tmp_path / "broken.parquet")
+
+
+# ------------------------------------------------------- Kaggle Real and Fake Face Detection
+
+
+@pytest.fixture()
+def kaggle_root(tmp_path: Path) -> Path:
+    """The Kaggle zip's layout: the same images twice, under two nested folders."""
+    root = tmp_path / "kaggle"
+    for base in ("real_and_fake_face", "real_and_fake_face_detection/real_and_fake_face"):
+        for name in ["real_00001.jpg", "real_00002.jpg"]:
+            image(root / base / "training_real" / name, 10)
+        for name in ["easy_100_1111.jpg", "mid_1_1000.jpg", "hard_39_1101.jpg", "easy_7_0010.jpg"]:
+            image(root / base / "training_fake" / name, 200)
+    return root
+
+
+def test_kaggle_real_fake(kaggle_root: Path) -> None:
+    table = load_kaggle_real_fake(kaggle_root)
+    assert_manifest(table, "kaggle_real_fake")
+    base = kaggle_root / "real_and_fake_face"
+    got = {rel: (r["label"], r["method"], r["split"], r["mask_path"]) for rel, r in by_rel(table, base).items()}
+    # Only the first copy is read: the second would double every image under other paths.
+    assert got == {
+        "training_real/real_00001.jpg": (0, "real", None, None),
+        "training_real/real_00002.jpg": (0, "real", None, None),
+        "training_fake/easy_100_1111.jpg": (1, "photoshop_easy", None, None),
+        "training_fake/mid_1_1000.jpg": (1, "photoshop_mid", None, None),
+        "training_fake/hard_39_1101.jpg": (1, "photoshop_hard", None, None),
+        "training_fake/easy_7_0010.jpg": (1, "photoshop_easy", None, None),
+    }
+    # Ids are relative to the folder holding training_real/training_fake, so pointing at it
+    # directly, or at the other copy, gives the same ids as pointing at the zip's root.
+    assert ids_by_rel(load_kaggle_real_fake(base), base) == ids_by_rel(table, base)
+    other = kaggle_root / "real_and_fake_face_detection/real_and_fake_face"
+    assert ids_by_rel(load_kaggle_real_fake(other), other) == ids_by_rel(table, base)
+
+
+def test_kaggle_edited_regions() -> None:
+    # Digits are left eye, right eye, nose, mouth: 1000 and 0010 read backwards would give
+    # mouth and right eye (catches a reversed or shifted order).
+    none = {"left_eye": False, "right_eye": False, "nose": False, "mouth": False}
+    assert kaggle_edited_regions("x/training_fake/mid_1_1000.jpg") == {**none, "left_eye": True}
+    assert kaggle_edited_regions(Path("easy_7_0010.jpg")) == {**none, "nose": True}
+    assert kaggle_edited_regions("hard_39_1101.jpg") == {**none, "left_eye": True, "right_eye": True, "mouth": True}
+    assert kaggle_edited_regions("easy_100_1111.jpg") == dict.fromkeys(none, True)
+    assert kaggle_edited_regions("training_real/real_00001.jpg") == none
+    for name in ["photo.jpg", "mid_1_1020.jpg", "medium_1_1000.jpg"]:
+        with pytest.raises(ValueError, match="named <easy|mid|hard>_<index>_<4 digits"):
+            kaggle_edited_regions(name)
+
+
+@pytest.mark.parametrize("name", ["easy_1_111.jpg", "mid_1_1000 (1).jpg", "hard_x_1000.jpg", "real_00003.jpg"])
+def test_kaggle_malformed_fake_name_is_an_error(tmp_path: Path, name: str) -> None:
+    # Raised, not skipped: a skipped file would shrink the test set without anyone noticing.
+    image(tmp_path / "training_real/real_00001.jpg")
+    image(tmp_path / "training_fake/mid_1_1000.jpg")
+    bad = image(tmp_path / "training_fake" / name)
+    with pytest.raises(ValueError, match=rf"{bad.name.replace('(', '.').replace(')', '.')}: a Kaggle Real and "
+                                         r"Fake Face Detection fake is named"):
+        load_kaggle_real_fake(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ CDDB
+
+
+@pytest.fixture()
+def cddb_parent(tmp_path: Path) -> Path:
+    cddb = tmp_path / "datasets" / "CDDB"
+    for rel in ["gaugan/train/0_real/a.png", "gaugan/train/1_fake/b.png", "gaugan/val/1_fake/c.png",
+                "gaugan/test/0_real/d.jpg", "cyclegan/train/horse/0_real/e.png", "cyclegan/train/horse/1_fake/f.png",
+                "cyclegan/test/zebra/1_fake/g.png", "stylegan/extra/1_fake/h.png",
+                "stylegan/train/1_fake/deeper/x/i.png", "j.png"]:
+        image(cddb / rel)
+    touch(cddb / "gaugan/train/1_fake/notes.txt")
+    return cddb.parent
+
+
+def test_cddb(cddb_parent: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        table = load_cddb(cddb_parent)
+    assert_manifest(table, "cddb")
+    cddb = cddb_parent / "CDDB"
+    got = {rel: (r["label"], r["method"], r["split"]) for rel, r in by_rel(table, cddb).items()}
+    assert got == {
+        "gaugan/train/0_real/a.png": (0, "real", "train"),
+        "gaugan/train/1_fake/b.png": (1, "gaugan", "train"),
+        "gaugan/val/1_fake/c.png": (1, "gaugan", "val"),
+        "gaugan/test/0_real/d.jpg": (0, "real", "test"),
+        # the object-category level of cyclegan is skipped, not read as the label folder
+        "cyclegan/train/horse/0_real/e.png": (0, "real", "train"),
+        "cyclegan/train/horse/1_fake/f.png": (1, "cyclegan", "train"),
+        "cyclegan/test/zebra/1_fake/g.png": (1, "cyclegan", "test"),
+        # outside the layout: kept, unlabelled
+        "stylegan/extra/1_fake/h.png": (None, None, None),
+        "stylegan/train/1_fake/deeper/x/i.png": (None, None, None),
+        "j.png": (None, None, None),
+    }
+    assert "3 image(s)" in caplog.text
+    # Ids are relative to the CDDB folder, whichever level the caller points at.
+    assert ids_by_rel(load_cddb(cddb), cddb) == ids_by_rel(table, cddb)
+
+
+# ---------------------------------------------------------------------------------- DFGC-21
+
+
+@pytest.fixture()
+def dfgc_root(tmp_path: Path) -> Path:
+    root = tmp_path / "DFGC-21"
+    for rel in ["real_fulls/id0_0000_00000.png", "real_fulls/id0_0000_00060.png",
+                "fake_baseline/id0_id1_0000_00000.png", "DFGC_SYSU_852924/id0_id1_0000_00000.png",
+                "miaotao_853000/submission/id0_id1_0000_00060.jpg", "stray.png"]:
+        image(root / rel)
+    (root / "bbox&landmarks.json").write_text("{}")
+    return root
+
+
+def test_dfgc21(dfgc_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        table = load_dfgc21(dfgc_root)
+    assert_manifest(table, "dfgc21")
+    got = {rel: (r["label"], r["method"], r["split"]) for rel, r in by_rel(table, dfgc_root).items()}
+    assert got == {
+        "real_fulls/id0_0000_00000.png": (0, "real", "test"),
+        "real_fulls/id0_0000_00060.png": (0, "real", "test"),
+        "fake_baseline/id0_id1_0000_00000.png": (1, "fake_baseline", "test"),
+        "DFGC_SYSU_852924/id0_id1_0000_00000.png": (1, "DFGC_SYSU_852924", "test"),
+        # a zip unpacked into a subfolder of its own: the submission is still the top folder
+        "miaotao_853000/submission/id0_id1_0000_00060.jpg": (1, "miaotao_853000", "test"),
+        "stray.png": (None, None, None),
+    }
+    assert "1 image(s)" in caplog.text
+
+
+def test_image_rows_decode_as_one_frame_images(kaggle_root: Path, cddb_parent: Path, dfgc_root: Path) -> None:
+    # The rows of every image loader must reach decode.py's still-image path (catches a loader
+    # listing files the decoder cannot open, or relative paths).
+    tables = [load_kaggle_real_fake(kaggle_root), load_cddb(cddb_parent), load_dfgc21(dfgc_root)]
+    for path in (p for table in tables for p in table.column("path").to_pylist()):
+        info = probe(Path(path))
+        assert (info.kind, info.frame_count, info.width, info.height) == ("image", 1, 16, 12)
+
+
+def test_build_manifest_detects_image_layouts(kaggle_root: Path, cddb_parent: Path, dfgc_root: Path) -> None:
+    # Each layout is recognised from the folder the user points at, including the nested Kaggle
+    # folder, the CDDB folder itself and its parent; anything else is still a plain folder.
+    assert set(build_manifest(kaggle_root).column("source").to_pylist()) == {"kaggle_real_fake"}
+    assert set(build_manifest(kaggle_root / "real_and_fake_face").column("source").to_pylist()) == {
+        "kaggle_real_fake"}
+    assert set(build_manifest(cddb_parent).column("source").to_pylist()) == {"cddb"}
+    assert set(build_manifest(cddb_parent / "CDDB").column("source").to_pylist()) == {"cddb"}
+    assert set(build_manifest(dfgc_root).column("source").to_pylist()) == {"dfgc21"}
+    assert set(build_manifest(cddb_parent / "CDDB/gaugan/train").column("source").to_pylist()) == {"folder"}
+    assert len(build_manifest(dfgc_root, kind="dfgc21")) == 6

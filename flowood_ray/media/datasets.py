@@ -1,8 +1,8 @@
 """Dataset loaders: turn an archive on disk into the Arrow manifest of manifest.py.
 
-One loader per layout we know (FaceForensics++, Celeb-DF v2, DFDC), a folder walker that
-guesses labels from directory names, a CSV reader for everything else, and `build_manifest`
-to pick one. Every loader
+One loader per video layout we know (FaceForensics++, Celeb-DF v2, DFDC; the still-image
+datasets are in image_datasets.py), a folder walker that guesses labels from directory names,
+a CSV reader for everything else, and `build_manifest` to pick one. Every loader
 
 - keys rows by `video_id_for(path, root)`, so ids survive moving the archive;
 - writes absolute paths and `source` = the loader's kind;
@@ -31,21 +31,34 @@ from typing import Literal, TypedDict, get_args
 
 import pyarrow as pa
 
+from flowood_ray.media.archive import (
+    StrPath,
+    absolute_path,
+    existing_dir,
+    media_files,
+    walk_files,
+)
+from flowood_ray.media.image_datasets import (
+    detect_image_layout,
+    load_cddb,
+    load_dfgc21,
+    load_kaggle_real_fake,
+)
 from flowood_ray.media.manifest import (
     FAKE,
     MEDIA_EXTENSIONS,
     REAL,
     SPLITS,
     VIDEO_EXTENSIONS,
+    manifest_row,
     manifest_table,
     read_manifest,
-    video_id_for,
 )
 
 logger = logging.getLogger(__name__)
 
-StrPath = str | os.PathLike[str]
-Kind = Literal["auto", "faceforensics", "celebdf", "dfdc", "folder", "csv", "manifest"]
+Kind = Literal["auto", "faceforensics", "celebdf", "dfdc", "kaggle_real_fake", "cddb", "dfgc21", "folder", "csv",
+               "manifest"]
 KINDS: tuple[str, ...] = get_args(Kind)
 Row = dict[str, object]
 
@@ -75,6 +88,7 @@ class ManifestSummary(TypedDict):
     """Counts per value; null values are counted under "unknown"."""
 
     videos: int
+    masks: int  # rows with a mask_path
     label: dict[str, int]
     method: dict[str, int]
     split: dict[str, int]
@@ -84,62 +98,11 @@ class ManifestSummary(TypedDict):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _absolute(path: StrPath) -> Path:
-    # abspath, not resolve: a symlinked archive root keeps the name the user gave it.
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
-
-
-def _existing_dir(root: StrPath) -> Path:
-    directory = _absolute(root)
-    if not directory.exists():
-        raise FileNotFoundError(errno.ENOENT, "archive root does not exist", str(directory))
-    if not directory.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "archive root is not a directory", str(directory))
-    return directory
-
-
-def _walk(directory: Path, keep: Callable[[str], bool], *, recursive: bool) -> list[Path]:
-    """Files below `directory` whose name passes `keep`, sorted.
-
-    Hidden entries are skipped because archives copied from macOS carry '._name.mp4'
-    resource forks that are not videos. Symlinked folders are followed (archives are often
-    assembled from links), and a folder reached twice is read once so a link cycle ends.
-    """
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames.clear()
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        found.extend(Path(dirpath, name) for name in filenames if not name.startswith(".") and keep(name))
-    return sorted(found)
-
-
-def _media_files(directory: Path, extensions: frozenset[str], *, recursive: bool) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return _walk(directory, lambda name: os.path.splitext(name)[1].lower() in extensions, recursive=recursive)
-
-
 def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:  # json's own message does not say which file
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def _row(path: Path, root: Path, label: int | None, method: str | None, split: str | None, source: str) -> Row:
-    return {
-        "video_id": video_id_for(path, root),
-        "path": str(path),
-        "label": label,
-        "method": method,
-        "split": split,
-        "source": source,
-    }
 
 
 def _warn_missing(missing: int, root: Path, index: str) -> None:
@@ -209,8 +172,7 @@ def _ff_split(stem: str, label: int, splits: _FFSplits) -> str | None:
     return splits.by_pair.get(frozenset(ids)) if len(ids) == 2 else None
 
 
-def load_faceforensics(root: StrPath, qualities: str | Sequence[str] = ("c23",),
-                       include_masks: bool = False) -> pa.Table:
+def load_faceforensics(root: StrPath, qualities: str | Sequence[str] = ("c23",)) -> pa.Table:
     """FaceForensics++ (and DeepFakeDetection) in the layout of its download script.
 
     Originals (`original_sequences/<source>/<quality>/videos`) are real with method "real";
@@ -218,24 +180,24 @@ def load_faceforensics(root: StrPath, qualities: str | Sequence[str] = ("c23",),
     `qualities` is "all" or a subset of raw/c0/c23/c40. Splits come from the official
     `splits/{train,val,test}.json` (at root or root/dataset); without them split is null.
 
-    include_masks adds the `manipulated_sequences/<Method>/masks/videos` mask videos with
-    label null and method "<Method>/masks": they are not footage to classify, so a null
-    label keeps them out of training and detection metrics, while their split and method
-    let a localisation evaluation pair them with the video of the same name.
+    A fake's `mask_path` is `manipulated_sequences/<Method>/masks/videos/<same file name>`
+    when that file exists (FF++ ships masks for Deepfakes, Face2Face, FaceSwap and
+    NeuralTextures; one mask serves every quality), null otherwise. Mask videos are never
+    rows of their own: they are not footage to classify.
     """
-    root_dir = _existing_dir(root)
+    root_dir = existing_dir(root)
     wanted = _ff_qualities(qualities)
     splits = _ff_splits(root_dir)
     rows: list[Row] = []
     present: set[str] = set()
     unsplit = 0
 
-    def add(folder: Path, label: int | None, method: str, split_label: int) -> None:
+    def add(folder: Path, label: int, method: str, masks: dict[str, Path]) -> None:
         nonlocal unsplit
-        for path in _media_files(folder / "videos", VIDEO_EXTENSIONS, recursive=False):
-            split = None if splits is None else _ff_split(path.stem, split_label, splits)
+        for path in media_files(folder / "videos", VIDEO_EXTENSIONS, recursive=False):
+            split = None if splits is None else _ff_split(path.stem, label, splits)
             unsplit += splits is not None and split is None and "__" not in path.stem
-            rows.append(_row(path, root_dir, label, method, split, "faceforensics"))
+            rows.append(manifest_row(path, root_dir, label, method, split, "faceforensics", masks.get(path.name)))
 
     for top, label in (("original_sequences", REAL), ("manipulated_sequences", FAKE)):
         top_dir = root_dir / top
@@ -243,13 +205,13 @@ def load_faceforensics(root: StrPath, qualities: str | Sequence[str] = ("c23",),
             if top_dir.is_dir() else []
         for group in groups:
             method = "real" if label == REAL else group.name
+            masks = {path.name: path for path in media_files(group / "masks" / "videos", VIDEO_EXTENSIONS,
+                                                             recursive=False)} if label == FAKE else {}
             for quality in FF_QUALITIES:
                 if (group / quality).is_dir():
                     present.add(quality)
                     if quality in wanted:
-                        add(group / quality, label, method, label)
-            if include_masks and label == FAKE:
-                add(group / "masks", None, f"{group.name}/masks", FAKE)
+                        add(group / quality, label, method, masks)
 
     # "all" asks for whatever is there, so only explicitly named qualities can be absent.
     absent: list[str] = [] if qualities == "all" else [q for q in wanted if q not in present]
@@ -294,11 +256,11 @@ def load_celebdf(root: StrPath) -> pa.Table:
     Videos in `List_of_testing_videos.txt` get split "test" and all others "train"; without
     the list split is null, since calling everything "train" would hide the missing list.
     """
-    root_dir = _existing_dir(root)
+    root_dir = existing_dir(root)
     on_disk = {
         path.relative_to(root_dir).as_posix()
         for folder in CELEBDF_FOLDERS
-        for path in _media_files(root_dir / folder, VIDEO_EXTENSIONS, recursive=False)
+        for path in media_files(root_dir / folder, VIDEO_EXTENSIONS, recursive=False)
     }
     list_file = root_dir / CELEBDF_TEST_LIST
     test: set[str] | None = _celebdf_test_list(list_file) if list_file.is_file() else None
@@ -310,7 +272,7 @@ def load_celebdf(root: StrPath) -> pa.Table:
     for rel in sorted(on_disk | (test or set())):
         label, method = CELEBDF_FOLDERS[rel.split("/", 1)[0]]
         split = None if test is None else ("test" if rel in test else "train")
-        rows.append(_row(root_dir / rel, root_dir, label, method, split, "celebdf"))
+        rows.append(manifest_row(root_dir / rel, root_dir, label, method, split, "celebdf"))
     return manifest_table(rows)
 
 
@@ -342,11 +304,11 @@ def load_dfdc(root: StrPath) -> pa.Table:
     no metadata.json lists still get a row with null label, method and split, so scoring
     the archive covers every file; both cases are logged with a count.
     """
-    root_dir = _existing_dir(root)
+    root_dir = existing_dir(root)
     labelled: dict[Path, tuple[int, str | None]] = {}
-    for meta in _walk(root_dir, lambda name: name == DFDC_METADATA, recursive=True):
+    for meta in walk_files(root_dir, lambda name: name == DFDC_METADATA, recursive=True):
         labelled.update(_dfdc_entries(meta))
-    on_disk = set(_media_files(root_dir, MEDIA_EXTENSIONS, recursive=True))
+    on_disk = set(media_files(root_dir, MEDIA_EXTENSIONS, recursive=True))
     _warn_missing(sum(not os.path.lexists(p) for p in labelled), root_dir, DFDC_METADATA)
     unlisted = on_disk - labelled.keys()
     if unlisted:
@@ -356,9 +318,9 @@ def load_dfdc(root: StrPath) -> pa.Table:
     for path in sorted(on_disk | labelled.keys()):
         if path in labelled:
             label, split = labelled[path]
-            rows.append(_row(path, root_dir, label, "real" if label == REAL else "dfdc", split, "dfdc"))
+            rows.append(manifest_row(path, root_dir, label, "real" if label == REAL else "dfdc", split, "dfdc"))
         else:
-            rows.append(_row(path, root_dir, None, None, None, "dfdc"))
+            rows.append(manifest_row(path, root_dir, None, None, None, "dfdc"))
     return manifest_table(rows)
 
 
@@ -388,13 +350,13 @@ def load_folder(root: StrPath) -> pa.Table:
     guessed. The deepest folder after fake/manipulated names the method; reals get "real"
     as in every other loader. The deepest train/val/test folder gives the split.
     """
-    root_dir = _existing_dir(root)
+    root_dir = existing_dir(root)
     rows: list[Row] = []
     ambiguous = 0
-    for path in _media_files(root_dir, MEDIA_EXTENSIONS, recursive=True):
+    for path in media_files(root_dir, MEDIA_EXTENSIONS, recursive=True):
         label, method, split, unclear = _folder_labels(path.relative_to(root_dir).parts[:-1])
         ambiguous += unclear
-        rows.append(_row(path, root_dir, label, method, split, "folder"))
+        rows.append(manifest_row(path, root_dir, label, method, split, "folder"))
     if ambiguous:
         logger.warning("%d file(s) under %s sit below both real and fake folders; label left null", ambiguous,
                        root_dir)
@@ -404,20 +366,26 @@ def load_folder(root: StrPath) -> pa.Table:
 # --------------------------------------------------------------------------------- CSV
 
 
+def _csv_path(root_dir: Path, raw: str) -> Path:
+    return Path(os.path.normpath(root_dir / os.path.expanduser(raw)))
+
+
 def load_csv(csv_path: StrPath, root: StrPath | None = None) -> pa.Table:
-    """A CSV with columns path[,label,method,split]; paths are relative to `root`.
+    """A CSV with columns path[,label,method,split,mask_path]; paths are relative to `root`.
 
     `root` defaults to the CSV's folder, so a list shipped inside an archive keeps working
     when the archive moves. Labels are 0/1/real/fake (any case) or empty; a real row
     without a method gets "real" like every other loader. Duplicate paths are an error.
+    mask_path (optional, empty for none) is resolved like path; a listed mask missing on
+    disk is kept and counted in a warning, like a missing video.
     """
-    csv_file = _absolute(csv_path)
+    csv_file = absolute_path(csv_path)
     if not csv_file.is_file():
         raise FileNotFoundError(errno.ENOENT, "CSV file does not exist", str(csv_file))
-    root_dir = _absolute(root) if root is not None else csv_file.parent
+    root_dir = absolute_path(root) if root is not None else csv_file.parent
     rows: list[Row] = []
     first_line: dict[str, int] = {}
-    missing = 0
+    missing = missing_masks = 0
     # utf-8-sig: spreadsheets write a byte-order mark that would otherwise rename column one.
     with csv_file.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -432,7 +400,7 @@ def load_csv(csv_path: StrPath, root: StrPath | None = None) -> pa.Table:
             raw_path = (record.get("path") or "").strip()
             if not raw_path:
                 raise ValueError(f"{where}: empty path")
-            path = Path(os.path.normpath(root_dir / os.path.expanduser(raw_path)))
+            path = _csv_path(root_dir, raw_path)
             if str(path) in first_line:
                 raise ValueError(f"{where}: {raw_path!r} is already listed on line {first_line[str(path)]}")
             first_line[str(path)] = line
@@ -444,9 +412,14 @@ def load_csv(csv_path: StrPath, root: StrPath | None = None) -> pa.Table:
             if raw_split and raw_split not in SPLITS:
                 raise ValueError(f"{where}: split must be one of {SPLITS} or empty, got {raw_split!r}")
             method = (record.get("method") or "").strip() or ("real" if label == REAL else None)
+            raw_mask = (record.get("mask_path") or "").strip()
+            mask = _csv_path(root_dir, raw_mask) if raw_mask else None
             missing += not os.path.lexists(path)
-            rows.append(_row(path, root_dir, label, method, raw_split or None, "csv"))
+            missing_masks += mask is not None and not os.path.lexists(mask)
+            rows.append(manifest_row(path, root_dir, label, method, raw_split or None, "csv", mask))
     _warn_missing(missing, root_dir, str(csv_file))
+    if missing_masks:
+        logger.warning("%d mask file(s) listed in %s are missing under %s", missing_masks, csv_file, root_dir)
     return manifest_table(rows)
 
 
@@ -468,7 +441,7 @@ def _detect_kind(target: Path) -> str:
         return "celebdf"
     if (target / DFDC_METADATA).is_file() or any((target / name / DFDC_METADATA).is_file() for name in names):
         return "dfdc"
-    return "folder"
+    return detect_image_layout(target) or "folder"
 
 
 def build_manifest(path: StrPath, kind: Kind = "auto", *, qualities: str | Sequence[str] = ("c23",)) -> pa.Table:
@@ -478,7 +451,7 @@ def build_manifest(path: StrPath, kind: Kind = "auto", *, qualities: str | Seque
     FaceForensics++. An archive without a single media file is a ValueError, since scoring
     nothing is always a mistake in the path.
     """
-    target = _absolute(path)
+    target = absolute_path(path)
     if not target.exists():
         raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(target))
     if kind not in KINDS:
@@ -489,6 +462,9 @@ def build_manifest(path: StrPath, kind: Kind = "auto", *, qualities: str | Seque
         "faceforensics": lambda: load_faceforensics(target, qualities),
         "celebdf": lambda: load_celebdf(target),
         "dfdc": lambda: load_dfdc(target),
+        "kaggle_real_fake": lambda: load_kaggle_real_fake(target),
+        "cddb": lambda: load_cddb(target),
+        "dfgc21": lambda: load_dfgc21(target),
         "folder": lambda: load_folder(target),
         "csv": lambda: load_csv(target),
         "manifest": lambda: read_manifest(target),
@@ -509,6 +485,7 @@ def manifest_summary(table: pa.Table) -> ManifestSummary:
     """Row counts by label, method, split and source, keys sorted, nulls as "unknown"."""
     return ManifestSummary(
         videos=table.num_rows,
+        masks=table.num_rows - table.column("mask_path").null_count,
         label=_counts(table.column("label").to_pylist(),
                       lambda v: "real" if v == REAL else "fake" if v == FAKE else str(v)),
         method=_counts(table.column("method").to_pylist()),

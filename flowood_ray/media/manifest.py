@@ -1,12 +1,16 @@
 """The Arrow manifest every job consumes: one row per input video or image.
 
 Columns (ARCHITECTURE.md contract):
-  video_id  stable hash of the path relative to the archive root and the file size
-  path      absolute path of the file
-  label     0 real, 1 fake, null when unknown
-  method    manipulation method for fakes ("real" for originals), null when unknown
-  split     train / val / test, null when unknown
-  source    the dataset layout the row came from (faceforensics, celebdf, dfdc, folder, csv)
+  video_id   stable hash of the path relative to the archive root and the file size
+  path       absolute path of the file
+  label      0 real, 1 fake, null when unknown
+  method     manipulation method for fakes ("real" for originals), null when unknown
+  split      train / val / test, null when unknown
+  source     the dataset layout the row came from (faceforensics, celebdf, dfdc, kaggle_real_fake,
+             cddb, dfgc21, folder, csv)
+  mask_path  absolute path of the per-frame manipulation-mask video (or image) of a fake, when the
+             dataset ships one (FaceForensics++, a CSV's mask_path column); null otherwise.
+             Older manifests without this column read back with it null.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("method", pa.string()),
         pa.field("split", pa.string()),
         pa.field("source", pa.string(), nullable=False),
+        pa.field("mask_path", pa.string()),
     ]
 )
+# Columns added after manifests were first written: an older manifest reads back with them null.
+_LATER_COLUMNS = ("mask_path",)
 
 REAL, FAKE = 0, 1
 SPLITS = ("train", "val", "test")
@@ -50,6 +57,20 @@ def video_id_for(path: Path, root: Path) -> str:
     except OSError:
         size = -1
     return hashlib.sha256(f"{rel}\0{size}".encode()).hexdigest()[:20]
+
+
+def manifest_row(path: Path, root: Path, label: int | None, method: str | None, split: str | None, source: str,
+                 mask_path: Path | None = None) -> dict[str, object]:
+    """One manifest row for the file at `path`, keyed by its id relative to the archive `root`."""
+    return {
+        "video_id": video_id_for(path, root),
+        "path": str(path),
+        "label": label,
+        "method": method,
+        "split": split,
+        "source": source,
+        "mask_path": None if mask_path is None else str(mask_path),
+    }
 
 
 def manifest_table(rows: Iterable[Mapping[str, object]]) -> pa.Table:
@@ -82,6 +103,10 @@ def write_manifest(table: pa.Table, path: Path) -> None:
 
 def read_manifest(path: Path) -> pa.Table:
     table = pq.read_table(path)
+    for name in _LATER_COLUMNS:
+        if name not in table.column_names:
+            field = MANIFEST_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     missing = set(MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"{path} is not a manifest: missing columns {sorted(missing)}")
