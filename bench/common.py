@@ -8,7 +8,8 @@ from flowood_ray.cluster.preprocess import run_preprocess
 from flowood_ray.media.datasets import build_manifest
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.sampling import SamplingConfig
-from flowood_ray.media.synth import SynthConfig, generate_benchmark
+from flowood_ray.media.synth import generate_benchmark
+from flowood_ray.media.synth_plan import SynthConfig
 
 
 def synthetic_archive(workdir: Path, identities: int = 6, frames: int = 48) -> Path:

@@ -76,7 +76,8 @@ def run_demo(workdir: Path, config: DemoConfig) -> dict[str, Any]:
     from flowood_ray.media.datasets import build_manifest
     from flowood_ray.media.faces import CropConfig
     from flowood_ray.media.sampling import SamplingConfig
-    from flowood_ray.media.synth import SynthConfig, generate_benchmark
+    from flowood_ray.media.synth import generate_benchmark
+    from flowood_ray.media.synth_plan import SynthConfig
     from flowood_ray.registry import promote
 
     workdir = Path(workdir).resolve()

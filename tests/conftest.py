@@ -103,7 +103,8 @@ def synth_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from flowood_ray.media.datasets import build_manifest
     from flowood_ray.media.faces import CropConfig
     from flowood_ray.media.sampling import SamplingConfig
-    from flowood_ray.media.synth import SynthConfig, generate_benchmark
+    from flowood_ray.media.synth import generate_benchmark
+    from flowood_ray.media.synth_plan import SynthConfig
 
     root = tmp_path_factory.mktemp("synth")
     generate_benchmark(

@@ -14,21 +14,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from flowood_ray.media.synth import (
-    BROWS,
-    EYES,
-    LIPS,
-    METHODS,
-    WORK_DIR,
-    SynthConfig,
-    Video,
-    face_landmarks,
-    generate_benchmark,
-    piecewise_affine,
-    plan_benchmark,
-    render_real,
-    triangulate,
-)
+from flowood_ray.media.ffpp_layout import mask_path
+from flowood_ray.media.heads import render_real
+from flowood_ray.media.landmarks import BROWS, EYES, LIPS, FaceMesher
+from flowood_ray.media.manipulations import METHODS
+from flowood_ray.media.mesh_geometry import hull_mask, piecewise_affine, triangulate
+from flowood_ray.media.synth import WORK_DIR, generate_benchmark
+from flowood_ray.media.synth_plan import SynthConfig, Video, plan_benchmark
 
 # The smallest benchmark the split rules allow (6 identities); 16 frames at 192 px keeps it fast.
 TINY = SynthConfig(identities=6, videos_per_identity=1, frames=16, size=192, workers=2, seed=0)
@@ -143,7 +135,7 @@ def test_same_seed_same_bytes_at_any_worker_count(bench: tuple[Path, dict], tmp_
     again = tmp_path / "again"
     generate_benchmark(again, TINY.model_copy(update={"workers": 1}))
     files = sorted(p.relative_to(out) for p in out.rglob("*.mp4"))
-    assert len(files) == 60
+    assert len(files) == 60 + 24  # videos at two qualities and one mask video per fake
     assert sorted(p.relative_to(again) for p in again.rglob("*.mp4")) == files
     for rel in files:
         assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
@@ -190,7 +182,8 @@ def test_each_method_changes_the_face_the_way_its_family_does(bench: tuple[Path,
     def real(vid: str) -> tuple[np.ndarray, np.ndarray]:
         if vid not in cache:
             frames = read_video(real_path(out, "c23", vid))[list(frames_used)]
-            cache[vid] = (frames, face_landmarks(frames)[0])
+            with FaceMesher() as mesher:
+                cache[vid] = (frames, mesher.mesh_frames(frames)[0])
         return cache[vid]
 
     for method, target, source in all_fakes(out):
@@ -224,3 +217,26 @@ def test_each_method_changes_the_face_the_way_its_family_does(bench: tuple[Path,
         assert carries_source == (method in ("FaceSwap", "Deepfakes")), \
             f"{method} {target}_{source}: feature distance to target {np.mean(to_target):.2f}, " \
             f"to source {np.mean(to_source):.2f}"
+
+
+def test_every_fake_has_a_mask_inside_the_face_where_it_changed(bench: tuple[Path, dict]) -> None:
+    """Catches masks that are empty, misplaced (not on the target's face), of the wrong length, or that
+    do not cover what the manipulation changed."""
+    out, _ = bench
+    for method, target, source in all_fakes(out):
+        name = f"{target}_{source}"
+        masks = read_video(mask_path(out, method, name))[..., 0]
+        fake = read_video(fake_path(out, method, "c23", name))
+        reals = read_video(real_path(out, "c23", target))
+        assert masks.shape == fake.shape[:3], f"{method} {name}: {masks.shape} masks for {fake.shape} frames"
+        binary = masks >= 128
+        assert binary.reshape(len(binary), -1).any(axis=1).all(), f"{method} {name}: a frame without mask"
+        with FaceMesher() as mesher:
+            points, found = mesher.mesh_frames(reals[::5])
+        for k, pts in zip(np.flatnonzero(found), points[found]):
+            face = cv2.dilate(hull_mask(pts, binary.shape[1:]), np.ones((9, 9), np.uint8)) > 0
+            inside = (binary[5 * k] & face).sum() / binary[5 * k].sum()
+            assert inside > 0.97, f"{method} {name} frame {5 * k}: {inside:.1%} of the mask on the face"
+        diff = np.abs(fake.astype(np.float32) - reals).mean(axis=3)
+        untouched = cv2.dilate(binary.any(axis=0).astype(np.uint8), np.ones((15, 15), np.uint8)) == 0
+        assert diff[:, untouched].mean() < 0.5 * diff[binary].mean(), f"{method} {name}: changes outside the mask"
