@@ -46,7 +46,8 @@ def synth(
     workers: Annotated[int, typer.Option(help="processes")] = 2,
 ) -> None:
     """Render a synthetic deepfake benchmark: talking heads plus four manipulation families."""
-    from flowood_ray.media.synth import SynthConfig, generate_benchmark
+    from flowood_ray.media.synth import generate_benchmark
+    from flowood_ray.media.synth_plan import SynthConfig
 
     try:
         config = SynthConfig(
@@ -60,10 +61,37 @@ def synth(
 
 
 @app.command()
+def forge(
+    real_archive: Annotated[Path, typer.Argument(help="folder of real videos (searched recursively)")],
+    out: Annotated[Path, typer.Argument(help="output directory (FaceForensics++ layout with masks)")],
+    methods: Annotated[str, typer.Option(help="comma-separated: Deepfakes,Face2Face,FaceSwap,NeuralTextures")] = "",
+    people: Annotated[Path | None, typer.Option(help="CSV path,person: splits by person, donors of another")] = None,
+    seed: Annotated[int, typer.Option(help="random seed; same seed, same output")] = 0,
+    clip_seconds: Annotated[float, typer.Option(help="seconds of each video to use")] = 4.0,
+    crf: Annotated[int, typer.Option(help="x264 CRF of originals and fakes: 0, 23 or 40")] = 23,
+    workers: Annotated[int, typer.Option(help="processes")] = 2,
+) -> None:
+    """Manipulate real footage with the four FF++ families, with per-frame masks; resumable."""
+    from pydantic import ValidationError
+
+    from flowood_ray.media.forge import SUMMARY_FILE, ForgeConfig, forge_archive
+
+    try:
+        chosen = {"methods": tuple(m.strip() for m in methods.split(","))} if methods else {}
+        config = ForgeConfig(seed=seed, clip_seconds=clip_seconds, crf=crf, workers=workers, **chosen)
+        summary = forge_archive(real_archive, out, config, people)
+    except (ValidationError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(f"per-video rows with reasons: {out / SUMMARY_FILE}")
+
+
+@app.command()
 def manifest(
     archive: Annotated[Path, typer.Argument(help="dataset root, folder, CSV or manifest parquet")],
     out: Annotated[Path, typer.Option(help="where to write the manifest parquet")] = Path("manifest.parquet"),
-    kind: Annotated[str, typer.Option(help="auto, faceforensics, celebdf, dfdc, folder, csv or manifest")] = "auto",
+    kind: Annotated[str, typer.Option(
+        help="auto, faceforensics, celebdf, dfdc, kaggle_real_fake, cddb, dfgc21, folder, csv or manifest")] = "auto",
 ) -> None:
     """Index an archive into an Arrow manifest (one row per video or image)."""
     from flowood_ray.media.datasets import manifest_summary
