@@ -122,6 +122,7 @@ def train_and_register(
     val_images, val_ids = read_crop_images(crops_dir, real_split_ids(videos, "val"))
     # Scoring must crop faces exactly as the training crops were made (margin, alignment).
     crop_config = json.loads((Path(crops_dir) / CONFIG_FILE).read_text())["crop"]
+    crop_config["face_mesh"] = False  # the mesh only serves training-time self-blends; scoring skips it
     bundle = ModelBundle(
         family=train.family, configs=configs, modules=modules, code_version=code_version(),
         extra={"crop": crop_config, "input": train.input.model_dump()},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import cv2
@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from flowood_ray.media.align import align_face
 from flowood_ray.media.decode import DecodeOutcome, MediaError, iter_frames, probe
 from flowood_ray.media.faces import CropConfig, FaceTracker
+from flowood_ray.media.landmarks import MESH_POINTS, FaceMesher
 from flowood_ray.media.manifest import MANIFEST_SCHEMA
 from flowood_ray.media.sampling import SamplingConfig, sample_indices
 
@@ -32,6 +33,11 @@ CROP_SCHEMA = pa.schema(
         pa.field("keypoints", pa.list_(pa.float32(), 12)),  # crop coordinates, MediaPipe order
         pa.field("score", pa.float32()),
         pa.field("detected", pa.bool_()),
+        # size*size uint8 manipulation mask aligned like the crop (0 untouched .. 255 replaced); fakes with
+        # a mask video only.
+        pa.field("mask", pa.binary()),
+        # Face-mesh landmarks (468 x, y) in crop pixels, when preprocessing runs the mesh (CropConfig.face_mesh).
+        pa.field("mesh", pa.list_(pa.float32(), 2 * MESH_POINTS)),
     ]
 )
 
@@ -63,6 +69,41 @@ def crops_to_array(table: pa.Table, size: int) -> np.ndarray:
     return flat.reshape(-1, size, size, 3)
 
 
+def masks_to_array(table: pa.Table, size: int) -> np.ndarray:
+    """(N, size, size) uint8 masks of a crop table; all zero where a crop has none (reals)."""
+    masks = np.zeros((table.num_rows, size, size), np.uint8)
+    for i, mask in enumerate(table.column("mask").to_pylist()):
+        if mask is not None:
+            masks[i] = np.frombuffer(mask, np.uint8).reshape(size, size)
+    return masks
+
+
+def meshes_to_array(table: pa.Table) -> np.ndarray:
+    """(N, 468, 2) float32 face-mesh landmarks in crop pixels; NaN where the mesh found no face."""
+    meshes = np.full((table.num_rows, MESH_POINTS, 2), np.nan, np.float32)
+    for i, mesh in enumerate(table.column("mesh").to_pylist()):
+        if mesh is not None:
+            meshes[i] = np.asarray(mesh, np.float32).reshape(MESH_POINTS, 2)
+    return meshes
+
+
+class _MaskFollower:
+    """Frames of a mask video read in step with the video's sampled frames (same indices)."""
+
+    def __init__(self, path: Path, indices: list[int]) -> None:
+        self.outcome = DecodeOutcome()
+        self._frames: Iterator[tuple[int, float, np.ndarray]] = iter_frames(path, probe(path), indices, self.outcome, 1)
+        self._next: tuple[int, float, np.ndarray] | None = next(self._frames, None)
+
+    def at(self, index: int) -> np.ndarray | None:
+        """The mask frame with this index as grey uint8, or None when the mask video lacks it."""
+        while self._next is not None and self._next[0] < index:
+            self._next = next(self._frames, None)
+        if self._next is None or self._next[0] != index:
+            return None
+        return self._next[2][..., 0]
+
+
 class VideoCropper:
     """Owns a MediaPipe graph; build one per process or actor and reuse it across videos."""
 
@@ -72,6 +113,7 @@ class VideoCropper:
         self.flush_rows = flush_rows
         self.decode_threads = decode_threads
         self.tracker = FaceTracker(crop)
+        self.mesher = FaceMesher(video=False) if crop.face_mesh else None
 
     def process(self, row: Mapping[str, object], sink: CropSink) -> dict[str, object]:
         """Crop one manifest row, streaming crops to `sink`; never raises for bad media."""
@@ -87,13 +129,22 @@ class VideoCropper:
                 fps=info.fps, frame_count=info.frame_count, duration_s=info.duration_s, codec=info.codec,
                 width=info.width, height=info.height,
             )
-            self._crop_frames(str(row["video_id"]), Path(str(row["path"])), info, result, sink)
+            mask = row.get("mask_path")
+            self._crop_frames(str(row["video_id"]), Path(str(row["path"])), info, result, sink,
+                              Path(str(mask)) if mask else None)
         result["elapsed_s"] = time.perf_counter() - started
         return result
 
-    def _crop_frames(self, video_id: str, path: Path, info, result: dict[str, object], sink: CropSink) -> None:
+    def _crop_frames(self, video_id: str, path: Path, info, result: dict[str, object], sink: CropSink,
+                     mask_path: Path | None) -> None:
         indices = sample_indices(info.frame_count, self.sampling)
         outcome = DecodeOutcome()
+        masks = None
+        if mask_path is not None:
+            try:
+                masks = _MaskFollower(mask_path, indices)
+            except MediaError as exc:
+                log.warning("%s: mask video %s unusable (%s); crops get no mask", path, mask_path, exc.reason)
         self.tracker.reset()
         buffer: dict[str, list] = {name: [] for name in CROP_SCHEMA.names}
         faces = 0
@@ -103,10 +154,17 @@ class VideoCropper:
                 continue
             crop, matrix = align_face(rgb, face.keypoints, self.crop.size, self.crop.margin)
             kps = face.keypoints @ matrix[:, :2].T + matrix[:, 2]
+            mask = masks.at(index) if masks is not None else None
+            if mask is not None:
+                # Outside the frame nothing was manipulated, so the border is 0, not reflected.
+                mask = cv2.warpAffine(mask, matrix, (self.crop.size,) * 2, flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=0).tobytes()
+            mesh = self.mesher.mesh(crop) if self.mesher is not None else None
             for name, value in (
                 ("video_id", video_id), ("frame_index", index), ("timestamp_s", timestamp),
                 ("crop", crop.tobytes()), ("box", face.box.tolist()), ("keypoints", kps.ravel().tolist()),
-                ("score", face.score), ("detected", face.detected),
+                ("score", face.score), ("detected", face.detected), ("mask", mask),
+                ("mesh", None if mesh is None else mesh.ravel().tolist()),
             ):
                 buffer[name].append(value)
             faces += 1
@@ -126,6 +184,8 @@ class VideoCropper:
 
     def close(self) -> None:
         self.tracker.close()
+        if self.mesher is not None:
+            self.mesher.close()
 
 
 class ModelInput(BaseModel):

@@ -30,6 +30,8 @@ class CropConfig(BaseModel):
     policy: Literal["largest", "most_confident"] = "largest"
     smoothing: float = Field(0.6, gt=0.0, le=1.0, description="EMA weight of the newest keypoints; 1 = none")
     max_track_error: float = Field(12.0, gt=0.0, description="LK error above which a point counts as lost")
+    face_mesh: bool = Field(False, description="store MediaPipe face-mesh landmarks of each crop (self-blending "
+                            "needs them for training; scoring does not)")
 
 
 @dataclass(frozen=True)
