@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from flowood_ray.cluster.score import CONFIG_FILE, read_scores
 from flowood_ray.media.datasets import build_manifest
@@ -62,22 +61,9 @@ def _heatmaps(frames: pa.Table, config: dict[str, Any], crop_size: int, ranking:
     order = np.argsort(-np.nan_to_num(frames.column(ranking).to_numpy(), nan=-np.inf))[:HEATMAP_FACES]
     top = frames.take(pa.array(order))
     crops = crops_to_array(top, crop_size)
-    maps = pixel_maps(scorer, crops)
+    maps = scorer.pixel_map(crops)
     titles = [f"{r['video_id'][:8]} f{r['frame_index']} {ranking}={r[ranking]:.2f}" for r in top.to_pylist()]
     return list(zip(titles, crops, maps))
-
-
-def pixel_maps(scorer: VQVAEScorer, crops: np.ndarray) -> np.ndarray:
-    """Per-pixel anomaly maps (N, S, S): document 002's restoration residuals when available."""
-    from flowood_ray.scoring.restoration import restoration_map
-
-    x, _, _ = scorer.encode(crops)
-    result = restoration_map(
-        scorer.vqvae, scorer.prior, x, lambda_p=float(scorer.bundle.extra["lambda_p"]), n_restorations=3,
-        generator=torch.Generator().manual_seed(0),
-    )
-    maps = torch.nn.functional.interpolate(result.pixel_map[:, None].float(), size=crops.shape[1:3], mode="bilinear")
-    return maps[:, 0].cpu().numpy()
 
 
 def evaluate(

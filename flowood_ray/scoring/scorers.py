@@ -45,6 +45,8 @@ class Scorer:
     # (typicality score, the NLL score it tests, the bundle.extra key of that score's real-data mean):
     # |NLL - E_real[NLL]| flags inputs that are too likely as well as too unlikely (Nalisnick et al.).
     typicality: tuple[str, str, str] | None = None
+    # Name of the per-pixel anomaly map the family produces (None: image scores only); see `pixel_map`.
+    map_name: str | None = None
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
         self.bundle = bundle
@@ -66,6 +68,11 @@ class Scorer:
 
     def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def pixel_map(self, crops: np.ndarray) -> np.ndarray:
+        """(N, H, W) float32 anomaly maps at the crops' own resolution, higher = more anomalous; each
+        crop's map does not depend on the rest of the batch. Only families with a `map_name`."""
+        raise ValueError(f"the {self.family} family produces no pixel map")
 
     def score_video(self, crops: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
         """Frame scores of one video's crops (temporal order), at most `batch_size` crops per forward for
@@ -153,6 +160,7 @@ class VQVAEScorer(Scorer):
 
     family = "vqvae"
     primary = "vq_latent_nll"
+    map_name = "vq_restoration"
 
     def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
         super().__init__(bundle, device)
@@ -182,6 +190,19 @@ class VQVAEScorer(Scorer):
             # Only latents that are unlikely under the prior count towards the sample score.
             scores["vq_latent_nll"] = torch.where(nll > self.lambda_s, nll, 0.0).flatten(1).sum(1).cpu().numpy()
         return scores
+
+    def pixel_map(self, crops: np.ndarray, restorations: int = 3, seed: int = 0) -> np.ndarray:
+        """Document 002's restoration map (see scoring/restoration.py), resized to the crops."""
+        from flowood_ray.scoring.restoration import restoration_map
+
+        if "lambda_p" not in self.bundle.extra:
+            raise ValueError(f"{self.model_id} has no lambda_p: calibrate it before asking for restoration maps")
+        x, _, _ = self.encode(crops)
+        result = restoration_map(self.vqvae, self.prior, x, lambda_p=float(self.bundle.extra["lambda_p"]),
+                                 n_restorations=restorations, generator=torch.Generator().manual_seed(seed))
+        maps = torch.nn.functional.interpolate(result.pixel_map[:, None].float(), size=crops.shape[1:3],
+                                               mode="bilinear")
+        return maps[:, 0].cpu().numpy()
 
 
 class ClipFlowScorer(Scorer):
