@@ -1,8 +1,9 @@
 """MLflow tracking and model registry: bundles of weights, configs and calibration.
 
 A registered version never holds a pickled module: it holds `bundle/` with
-  config.json       family, per-component model configs, code version, extra statistics
-  weights.pt        {component: state_dict}, loaded with weights_only=True
+  config.json       family, per-component model configs, code version, extra statistics, and for
+                    frozen ImageNet encoders the packaged weights' name and sha256
+  weights.pt        {component: state_dict} of the trained components, loaded with weights_only=True
   calibration.json  per-score statistics and thresholds from real-only validation data
 wrapped as a pyfunc model "from code" (flowood_ray/mlflow_model.py), so `mlflow.pyfunc.load_model`
 works too, while our own loaders rebuild the modules from their configs.
@@ -77,29 +78,51 @@ def code_version() -> str:
         return f"flowood-ray=={__version__}"
 
 
+def _pretrained_identities(family_name: str, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """component -> the packaged weights it is rebuilt from (frozen ImageNet encoders only)."""
+    from flowood_ray.models.catalog import family
+    from flowood_ray.models.efficientnet import weights_identity
+
+    return {comp: weights_identity(configs[comp]["variant"]).model_dump() for comp in family(family_name).frozen}
+
+
 def save_bundle(bundle: ModelBundle, directory: Path) -> None:
+    from flowood_ray.models.catalog import family
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    frozen = family(bundle.family).frozen
     meta = {
         "family": bundle.family, "configs": bundle.configs, "extra": bundle.extra,
         "code_version": bundle.code_version or code_version(),
+        "pretrained": _pretrained_identities(bundle.family, bundle.configs),
     }
     (directory / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     (directory / "calibration.json").write_text(json.dumps(bundle.calibration, indent=2, sort_keys=True))
-    torch.save({k: m.state_dict() for k, m in bundle.modules.items()}, directory / "weights.pt")
+    torch.save({k: m.state_dict() for k, m in bundle.modules.items() if k not in frozen}, directory / "weights.pt")
 
 
 def load_bundle(directory: Path, device: str | torch.device = "cpu") -> ModelBundle:
-    from flowood_ray.models.catalog import build_modules
+    from flowood_ray.models.catalog import build_modules, family
 
     directory = Path(directory)
     meta = json.loads((directory / "config.json").read_text())
+    frozen = family(meta["family"]).frozen
+    recorded, installed = meta.get("pretrained", {}), _pretrained_identities(meta["family"], meta["configs"])
+    for comp in frozen:
+        if recorded.get(comp, {}).get("sha256") != installed[comp]["sha256"]:
+            raise ValueError(
+                f"{directory}: component {comp!r} was trained on top of {recorded.get(comp)} but the installed "
+                f"weights are {installed[comp]}; install the package version the model was made with"
+            )
     modules = build_modules(meta["family"], meta["configs"])
     states = torch.load(directory / "weights.pt", map_location=device, weights_only=True)
-    if set(states) != set(modules):
-        raise ValueError(f"weights hold {sorted(states)} but family {meta['family']} needs {sorted(modules)}")
+    trained = set(modules) - set(frozen)
+    if set(states) != trained:
+        raise ValueError(f"weights hold {sorted(states)} but family {meta['family']} needs {sorted(trained)}")
     for name, module in modules.items():
-        module.load_state_dict(states[name])
+        if name in states:
+            module.load_state_dict(states[name])
         module.to(device).eval()
     return ModelBundle(
         family=meta["family"], configs=meta["configs"], modules=modules,

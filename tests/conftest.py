@@ -98,7 +98,8 @@ def mixed_archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
 
 @pytest.fixture(scope="session")
 def synth_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny synthetic benchmark, preprocessed into 32 px crops on a local Ray (shared by e2e tests)."""
+    """A tiny synthetic benchmark, preprocessed into 32 px crops with face meshes on a local Ray (shared by
+    e2e tests)."""
     from flowood_ray.cluster.preprocess import run_preprocess
     from flowood_ray.media.datasets import build_manifest
     from flowood_ray.media.faces import CropConfig
@@ -112,7 +113,7 @@ def synth_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
         SynthConfig(identities=6, videos_per_identity=2, frames=16, size=192, qualities=("c23",), seed=11),
     )
     run_preprocess(
-        build_manifest(root / "archive"), root / "crops", SamplingConfig(num_frames=8), CropConfig(size=32),
+        build_manifest(root / "archive"), root / "crops", SamplingConfig(num_frames=8), CropConfig(size=32, face_mesh=True),
         workers=2, videos_per_shard=4,
     )
     return root / "crops"
@@ -139,6 +140,9 @@ TINY_MODELS = {
     },
     "patch": {"patch": {"image_size": 32, "patch": 4, "stride": 4, "n_layers": 2, "hidden": 16}},
     "classifier": {"classifier": {"image_size": 32, "widths": [8, 16], "groups": 4}, "abnormality": {"hidden": 16}},
+    "blend": {"detector": {"image_size": 32}},
+    "cflow": {"cflow": {"image_size": 32, "strides": [8, 16], "coupling_layers": 2, "condition_dim": 8,
+                        "fibers_per_image": 8}},
 }
 
 

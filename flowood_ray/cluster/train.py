@@ -33,7 +33,7 @@ from ray.train.torch import TorchTrainer
 
 from flowood_ray.cluster.runtime import init_ray
 from flowood_ray.media.clips import cut_clips
-from flowood_ray.media.facecrop import ModelInput, crops_to_array, model_input
+from flowood_ray.media.facecrop import ModelInput, crops_to_array, meshes_to_array, model_input, model_input_points
 from flowood_ray.media.shards import crop_size, labelled_split_ids, read_videos, real_split_ids
 from flowood_ray.models.catalog import build_modules, family, parse_configs
 
@@ -60,11 +60,13 @@ class TrainConfig(BaseModel):
 
 def crop_datasets(
     crops_dir: Path, image_size: int, input_config: ModelInput, clip_frames: int | None = None,
-    supervised: bool = False, fake_methods: list[str] | None = None,
+    supervised: bool = False, fake_methods: list[str] | None = None, needs_mesh: bool = False,
 ) -> dict[str, ray.data.Dataset]:
     """Ray datasets of train and val crops resized to the model's input size, with their labels: one
     image per row, or one clip of `clip_frames` consecutive crops per row for clip-level families.
-    Real videos only, unless `supervised` (then the fakes of `fake_methods` too)."""
+    Real videos only, unless `supervised` (then the fakes of `fake_methods` too). With `needs_mesh`
+    each image row also carries its face-mesh landmarks in model-input pixels, and crops whose mesh
+    was not found are left out."""
     videos = read_videos(crops_dir)
     ids = {
         split: labelled_split_ids(videos, split, fake_methods) if supervised
@@ -78,8 +80,12 @@ def crop_datasets(
             raise ValueError(f"{crops_dir} has no fake {split} videos with faces; a supervised family needs them")
     files = sorted(str(p) for p in (Path(crops_dir) / "crops").glob("part-*.parquet"))
     kwargs: dict[str, Any] = {"crop_size": crop_size(crops_dir), "image_size": image_size, "config": input_config}
+    if needs_mesh and clip_frames is not None:
+        raise ValueError("clip families take no face mesh")
+    if needs_mesh and "mesh" not in pq.read_schema(files[0]).names:
+        raise ValueError(f"{crops_dir} holds no face meshes: preprocess it with --face-mesh for this family")
     if clip_frames is None:
-        base = ray.data.read_parquet(files).select_columns(["video_id", "crop"])
+        base = ray.data.read_parquet(files).select_columns(["video_id", "crop"] + (["mesh"] if needs_mesh else []))
         select, batching = _select_images, {}
     else:
         # A shard file holds whole videos, so one file per batch sees every crop of its videos.
@@ -100,9 +106,14 @@ def _select_images(
     batch: pa.Table, ids: dict[str, int], crop_size: int, image_size: int, config: ModelInput
 ) -> dict[str, np.ndarray]:
     rows = batch.filter(pc.is_in(batch.column("video_id"), value_set=pa.array(list(ids))))
+    if "mesh" in rows.column_names:
+        rows = rows.filter(pc.is_valid(rows.column("mesh")))
     images = crops_to_array(rows, crop_size) if rows.num_rows else np.zeros((0, crop_size, crop_size, 3), np.uint8)
     labels = np.array([ids[v] for v in rows.column("video_id").to_pylist()], np.uint8)
-    return {"image": model_input(images, image_size, config), "label": labels}
+    selected = {"image": model_input(images, image_size, config), "label": labels}
+    if "mesh" in rows.column_names:
+        selected["mesh"] = model_input_points(meshes_to_array(rows), crop_size, image_size, config)
+    return selected
 
 
 def _select_clips(
@@ -166,7 +177,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             epoch_start = time.perf_counter()
             for batch in train_shard.iter_torch_batches(
                 batch_size=tc.batch_size, local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=tc.seed + epoch, device=device, dtypes=torch.uint8, drop_last=False,
+                local_shuffle_seed=tc.seed + epoch, device=device, dtypes=_dtypes(fam), drop_last=False,
             ):
                 images = batch["image"]
                 if optimizer is None:
@@ -210,6 +221,10 @@ def _train_loop(config: dict[str, Any]) -> None:
             _report(rank, epoch, modules, optim_states, best, report, client, config["run_id"])
 
 
+def _dtypes(fam) -> dict[str, torch.dtype]:
+    return {"image": torch.uint8, "label": torch.uint8} | ({"mesh": torch.float32} if fam.needs_mesh else {})
+
+
 def _keep_best(best: dict[str, dict[str, Any]], phase: str, metric: float, epoch: int, module: torch.nn.Module) -> None:
     """Remember `module`'s weights if `metric` is the phase's lowest finite validation metric so far."""
     held = best.get(phase)
@@ -225,7 +240,7 @@ def _validate(phase, modules, shard, tc: TrainConfig, device) -> tuple[float, fl
         module.eval()
     generator = torch.Generator(device="cpu").manual_seed(12345)
     total, count = 0.0, 0.0
-    for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device, dtypes=torch.uint8):
+    for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device, dtypes=_dtypes(family(tc.family))):
         _, metrics = phase.loss(modules, batch, generator)
         total += metrics[phase.metric] * len(batch["image"])
         count += len(batch["image"])
@@ -273,7 +288,7 @@ def fit(
     fam = family(train.family)
     clip_frames = fam.clip_frames(parsed) if fam.clip_frames else None
     datasets = crop_datasets(Path(crops_dir), fam.image_size(parsed), train.input, clip_frames,
-                             supervised=fam.supervised, fake_methods=train.fake_methods)
+                             supervised=fam.supervised, fake_methods=train.fake_methods, needs_mesh=fam.needs_mesh)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={

@@ -26,31 +26,23 @@ from flowood_ray.scoring.scorers import build_scorer, score_videos
 
 log = logging.getLogger(__name__)
 
-# Per-position NLL quantiles of real validation codes (Marimont & Tarroni's lambda_s and lambda_p).
-LAMBDA_S_QUANTILE = 0.95
-LAMBDA_P_QUANTILE = 0.90
 SCORE_BATCH = 256
+# Reference statistics (typicality entropy, lambda quantiles, CFLOW's per-scale statistics) come from
+# at most this many real training crops, evenly spread over them.
+REFERENCE_CROPS = 512
 
 
-def calibrate_bundle(bundle: ModelBundle, images: np.ndarray, video_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Fill in the bundle's statistics and calibration from real validation crops; returns the frame scores."""
-    if bundle.family == "vqvae":
-        scorer = build_scorer(bundle)
-        nll = torch.cat([scorer.encode(images[i : i + SCORE_BATCH])[2] for i in range(0, len(images), SCORE_BATCH)])
-        flat = nll.flatten().double().numpy()
-        bundle.extra["lambda_s"] = float(np.quantile(flat, LAMBDA_S_QUANTILE))
-        bundle.extra["lambda_p"] = float(np.quantile(flat, LAMBDA_P_QUANTILE))
+def calibrate_bundle(
+    bundle: ModelBundle, train_images: np.ndarray, val_images: np.ndarray, val_ids: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Fill in the bundle's reference statistics from real TRAINING crops, then its thresholds from real
+    VALIDATION crops (two disjoint sets, so the stated false-positive rates are not optimistic); returns
+    the validation frame scores."""
+    bundle.extra.update(build_scorer(bundle).reference_statistics(train_images))
     scorer = build_scorer(bundle)
-    scores = score_videos(scorer, images, video_ids, SCORE_BATCH)
-    if scorer.typicality:
-        # Typicality needs the model's entropy estimate on real data, the mean real NLL; the other
-        # scores do not depend on it, so they are not computed again.
-        _, base, key = scorer.typicality
-        bundle.extra[key] = float(scores[base].mean())
-        scorer = build_scorer(bundle)
-        scores = scorer.with_typicality(scores)
+    scores = score_videos(scorer, val_images, val_ids, SCORE_BATCH)
     frame = calibrate(scores, "frame")
-    _, per_video = scorer.aggregate(video_ids, scores)
+    _, per_video = scorer.aggregate(val_ids, scores)
     # Validation splits hold few videos; video thresholds are then near the sample maximum (logged).
     video = calibrate(per_video, "video", min_samples=3)
     bundle.calibration = {
@@ -120,6 +112,8 @@ def train_and_register(
     videos = read_videos(crops_dir)
     size = family(train.family).image_size(parsed)
     val_images, val_ids = read_crop_images(crops_dir, real_split_ids(videos, "val"))
+    train_images, _ = read_crop_images(crops_dir, real_split_ids(videos, "train"))
+    reference = train_images[np.linspace(0, len(train_images) - 1, min(REFERENCE_CROPS, len(train_images))).astype(int)]
     # Scoring must crop faces exactly as the training crops were made (margin, alignment).
     crop_config = json.loads((Path(crops_dir) / CONFIG_FILE).read_text())["crop"]
     crop_config["face_mesh"] = False  # the mesh only serves training-time self-blends; scoring skips it
@@ -127,10 +121,9 @@ def train_and_register(
         family=train.family, configs=configs, modules=modules, code_version=code_version(),
         extra={"crop": crop_config, "input": train.input.model_dump()},
     )
-    scores = calibrate_bundle(bundle, val_images, val_ids)
+    scores = calibrate_bundle(bundle, reference, val_images, val_ids)
     summary: dict[str, Any] = {"run_id": run_id, "val_frames": len(val_images)}
     if train.family == "glow":
-        train_images, _ = read_crop_images(crops_dir, real_split_ids(videos, "train"))
         glow_bpd, gauss_bpd = glow_vs_gaussian_bpd(
             modules["glow"], model_input(train_images, size, train.input), model_input(val_images, size, train.input)
         )

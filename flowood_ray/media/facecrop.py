@@ -217,6 +217,14 @@ def model_input(crops: np.ndarray, size: int, config: ModelInput) -> np.ndarray:
     return resize_crops(np.ascontiguousarray(crops), size)
 
 
+def model_input_points(points: np.ndarray, crop_size: int, size: int, config: ModelInput) -> np.ndarray:
+    """Crop-pixel coordinates (..., 2) -> the same points in the model input `model_input` makes."""
+    keep = max(1, round(crop_size * config.face_fraction)) if config.face_fraction < 1.0 else crop_size
+    start = (crop_size - keep) // 2
+    # Pixel centres map to pixel centres under cv2.resize: x' = (x + 0.5) * size / keep - 0.5.
+    return ((points - start + 0.5) * (size / keep) - 0.5).astype(np.float32)
+
+
 def resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
     """(N, S, S, 3) uint8 -> (N, size, size, 3); area filter when shrinking, as aliasing would add noise."""
     if crops.shape[1] == size and crops.shape[2] == size:

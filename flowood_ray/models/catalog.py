@@ -12,23 +12,28 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig, blended_batch
+from flowood_ray.models.cflow import CFlowConfig, CFlowDecoders, random_fibres
 from flowood_ray.models.classifier import (
     AbnormalityConfig, AbnormalityModule, FakeClassifier, FakeClassifierConfig, auxiliary, balanced_mean,
     synthesize_outliers,
 )
 from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig
+from flowood_ray.models.efficientnet import EfficientNetLite, EfficientNetLiteConfig, freeze
 from flowood_ray.models.glow import Glow, GlowConfig, preprocess
 from flowood_ray.models.patch_density import PatchDensity, PatchDensityConfig
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
 
 # loss(modules, batch, generator) -> (loss, metrics to log). A batch holds "image": uint8 images
-# (N, H, W, 3) or clips (N, T, H, W, 3), and "label": (N,) 0 for real, 1 for fake.
+# (N, H, W, 3) or clips (N, T, H, W, 3), "label": (N,) 0 for real, 1 for fake, and for families that
+# need it "mesh": (N, 468, 2) face-mesh landmarks in the images' pixel coordinates.
 Batch = Mapping[str, Tensor]
 LossFn = Callable[[Mapping[str, nn.Module], Batch, torch.Generator | None], tuple[Tensor, dict[str, float]]]
 
@@ -50,6 +55,11 @@ class Family:
     clip_frames: Callable[[Mapping[str, BaseModel]], int] | None = None
     # Trained on fakes as well as reals (labelled); every other family sees real footage only.
     supervised: bool = False
+    # Batches carry each crop's face-mesh landmarks (crops without a mesh are left out).
+    needs_mesh: bool = False
+    # Components that are frozen ImageNet encoders: rebuilt from their packaged weights, never trained
+    # and never copied into a registered bundle (which records the weights' name and hash instead).
+    frozen: tuple[str, ...] = ()
 
 
 def _glow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
@@ -160,6 +170,32 @@ def _abnormality_loss(modules: Mapping[str, nn.Module], batch: Batch, generator:
     return bce, {"bce": float(bce.detach())}
 
 
+def _numpy_rng(generator: torch.Generator | None) -> np.random.Generator:
+    """A NumPy generator drawn from the torch one, so augmentations in NumPy/OpenCV follow the run's seed."""
+    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+
+
+def _blend_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    detector: BlendDetector = getattr(modules["detector"], "module", modules["detector"])
+    images = batch["image"]
+    both, labels = blended_batch(images.cpu().numpy(), batch["mesh"].cpu().numpy(), detector.config,
+                                 _numpy_rng(generator))
+    logits = modules["detector"](torch.from_numpy(both).to(images.device))
+    bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels).to(images.device))
+    return bce, {"bce": float(bce.detach())}
+
+
+def _cflow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    decoders: CFlowDecoders = getattr(modules["cflow"], "module", modules["cflow"])
+    with torch.no_grad():
+        features = modules["encoder"].features(batch["image"])
+    fibres, conditions = random_fibres(features, decoders, decoders.config.fibers_per_image, generator)
+    log_likelihoods = modules["cflow"](fibres, conditions)
+    # Nats per feature dimension, averaged over scales: each scale weighs the same whatever its width.
+    nll = torch.stack([-v.mean() for v in log_likelihoods.values()]).mean()
+    return nll, {"nll": float(nll.detach())}
+
+
 FAMILIES: dict[str, Family] = {
     "glow": Family(
         components={"glow": (GlowConfig, Glow), "background": (GlowConfig, Glow)},
@@ -195,6 +231,20 @@ FAMILIES: dict[str, Family] = {
         image_size=lambda c: c["classifier"].image_size,  # type: ignore[attr-defined]
         supervised=True,
     ),
+    # Real crops against self-blends of themselves (Shiohara & Yamasaki): no fake is ever seen.
+    "blend": Family(
+        components={"detector": (BlendDetectorConfig, BlendDetector)},
+        phases=(Phase("detector", "detector", _blend_loss, "bce"),),
+        image_size=lambda c: c["detector"].image_size,  # type: ignore[attr-defined]
+        needs_mesh=True,
+    ),
+    # Seed 003: conditional flows with positional encoding on a frozen ImageNet feature pyramid.
+    "cflow": Family(
+        components={"encoder": (EfficientNetLiteConfig, EfficientNetLite), "cflow": (CFlowConfig, CFlowDecoders)},
+        phases=(Phase("cflow", "cflow", _cflow_loss, "nll"),),
+        image_size=lambda c: c["cflow"].image_size,  # type: ignore[attr-defined]
+        frozen=("encoder",),
+    ),
 }
 
 
@@ -214,8 +264,12 @@ def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[s
     if unknown:
         raise ValueError(f"family {name!r} has no components {sorted(unknown)}; it has {sorted(fam.components)}")
     parsed: dict[str, BaseModel] = {}
-    for comp, (cls, _) in fam.components.items():
+    # A frozen encoder is whatever its consumer needs: configured through the consumer, built last.
+    for comp, (cls, _) in sorted(fam.components.items(), key=lambda item: item[0] in fam.frozen):
         values = dict(configs.get(comp, {}))
+        if name == "cflow" and comp == "encoder":
+            flow: CFlowConfig = parsed["cflow"]  # type: ignore[assignment]
+            values.update(variant=flow.variant, strides=flow.strides, pretrained=True)
         if name == "vqvae" and comp == "prior":
             vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
             values.update(num_codes=vq.codebook_size, height=vq.code_size, width=vq.code_size)
@@ -233,4 +287,7 @@ def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[s
 def build_modules(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, nn.Module]:
     fam = family(name)
     parsed = parse_configs(name, configs)
-    return {comp: fam.components[comp][1](parsed[comp]) for comp in fam.components}
+    modules = {comp: fam.components[comp][1](parsed[comp]) for comp in fam.components}
+    for comp in fam.frozen:
+        freeze(modules[comp])  # type: ignore[arg-type]
+    return modules

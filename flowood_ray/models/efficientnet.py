@@ -150,6 +150,16 @@ def _round_channels(channels: int, width: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * scaled else rounded
 
 
+def stride_channels(variant: Variant) -> dict[int, int]:
+    """Channels of the feature map at each stride of FEATURE_STRIDES, without building the network."""
+    width = _variant(variant).width
+    channels, stride = {}, 2
+    for _, stage_stride, _, stage_channels, _ in _B0_STAGES:
+        stride *= stage_stride
+        channels[stride] = _round_channels(stage_channels, width)
+    return {s: channels[s] for s in FEATURE_STRIDES}
+
+
 class _ConvBN(nn.Module):
     """Convolution, BatchNorm, optionally ReLU6; stride-2 convolutions pad like TF "SAME"."""
 

@@ -39,6 +39,8 @@ class RealNVPConfig(BaseModel):
     # reach only through depth.
     linear: bool = False
     clamp: float = Field(2.0, gt=0)
+    # Width of a condition vector every coupling's s/t network also reads (CFLOW's positional encoding).
+    cond_dim: int = Field(0, ge=0)
 
 
 class RealNVP(nn.Module):
@@ -59,21 +61,22 @@ class RealNVP(nn.Module):
                     parity == layer % 2,
                     hidden=config.hidden,
                     bottleneck=config.bottleneck,
+                    cond_dim=config.cond_dim,
                     scale="tanh",
                     clamp=config.clamp,
                 )
             )
         self.flow = SequentialFlow(blocks)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z, logdet = self.flow(x)
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z, logdet = self.flow(x, cond)
         return z, -0.5 * (z.pow(2) + _LOG_2PI).sum(dim=1) + logdet
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.forward(x)[1]
+    def log_prob(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.forward(x, cond)[1]
 
-    def inverse(self, z: Tensor) -> Tensor:
-        return self.flow.inverse(z)[0]
+    def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.flow.inverse(z, cond)[0]
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:

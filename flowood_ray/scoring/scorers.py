@@ -18,6 +18,9 @@ import torch
 
 from flowood_ray.media.clips import cut_clips, frame_means
 from flowood_ray.media.facecrop import ModelInput, model_input
+from flowood_ray.models.blend_detector import BlendDetector
+from flowood_ray.models.cflow import CFlowDecoders, anomaly_map, image_scores
+from flowood_ray.models.efficientnet import EfficientNetLite
 from flowood_ray.models.classifier import AbnormalityModule, FakeClassifier, auxiliary, fake_or_abnormal, odin_score
 from flowood_ray.models.clip_embedder import ClipAutoencoder
 from flowood_ray.models.glow import Glow, preprocess
@@ -26,6 +29,11 @@ from flowood_ray.models.realnvp import RealNVP
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
 from flowood_ray.registry import ModelBundle
 from flowood_ray.scoring.aggregate import aggregate_frames
+
+
+# Per-position NLL quantiles of real training codes (Marimont & Tarroni's lambda_s and lambda_p).
+LAMBDA_S_QUANTILE = 0.95
+LAMBDA_P_QUANTILE = 0.90
 
 
 def png_bits_per_dim(images: np.ndarray) -> np.ndarray:
@@ -81,6 +89,19 @@ class Scorer:
             return self.score(crops)
         parts = [self.score(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def reference_statistics(self, crops: np.ndarray, batch_size: int = 256) -> dict[str, object]:
+        """Statistics of REAL TRAINING crops that some scores are defined against (stored in bundle.extra):
+        the typicality test's entropy estimate here. They never come from the validation crops that then
+        set the thresholds, or the stated false-positive rates would be optimistic."""
+        if not self.typicality:
+            return {}
+        _, base, key = self.typicality
+        return {key: float(self.score_video(crops, batch_size)[base].mean())}
+
+    def score_and_map(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Scores and pixel maps of the same crops (families whose map comes from the same pass override it)."""
+        return self.score(crops), self.pixel_map(crops)
 
     def with_typicality(self, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.typicality and self.entropy is not None:
@@ -167,7 +188,7 @@ class VQVAEScorer(Scorer):
         self.vqvae: VQVAE = bundle.modules["vqvae"]  # type: ignore[assignment]
         self.prior: PixelSNAIL = bundle.modules["prior"]  # type: ignore[assignment]
         self.image_size = self.vqvae.config.image_size
-        # lambda_s: per-position NLL quantile of real validation codes; None before calibration.
+        # lambda_s: per-position NLL quantile of real training codes; None before calibration.
         self.lambda_s: float | None = bundle.extra.get("lambda_s")
 
     @torch.no_grad()
@@ -190,6 +211,13 @@ class VQVAEScorer(Scorer):
             # Only latents that are unlikely under the prior count towards the sample score.
             scores["vq_latent_nll"] = torch.where(nll > self.lambda_s, nll, 0.0).flatten(1).sum(1).cpu().numpy()
         return scores
+
+    def reference_statistics(self, crops: np.ndarray, batch_size: int = 256) -> dict[str, object]:
+        """Marimont & Tarroni's lambda_s and lambda_p: quantiles of the per-position code NLL of real crops."""
+        nll = torch.cat([self.encode(crops[i : i + batch_size])[2] for i in range(0, len(crops), batch_size)])
+        flat = nll.flatten().double().numpy()
+        return {"lambda_s": float(np.quantile(flat, LAMBDA_S_QUANTILE)),
+                "lambda_p": float(np.quantile(flat, LAMBDA_P_QUANTILE))}
 
     def pixel_map(self, crops: np.ndarray, restorations: int = 3, seed: int = 0) -> np.ndarray:
         """Document 002's restoration map (see scoring/restoration.py), resized to the crops."""
@@ -267,9 +295,70 @@ class ClassifierScorer(Scorer):
         return {k: v.detach().double().cpu().numpy() for k, v in scores.items()}
 
 
+class CFlowScorer(Scorer):
+    """Seed 003's CFLOW-AD: a per-pixel anomaly map from conditional flows on frozen ImageNet features,
+    and its maximum, top-k mean and mean as image scores."""
+
+    family = "cflow"
+    primary = "cflow_topk"
+    map_name = "cflow"
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.encoder: EfficientNetLite = bundle.modules["encoder"]  # type: ignore[assignment]
+        self.decoders: CFlowDecoders = bundle.modules["cflow"]  # type: ignore[assignment]
+        self.image_size = self.decoders.config.image_size
+        stored = bundle.extra.get("cflow_reference")
+        # stride -> (mean, std) of real training crops' per-position log-likelihood; None before calibration.
+        self.reference = {int(k): (float(v[0]), float(v[1])) for k, v in stored.items()} if stored else None
+
+    @torch.no_grad()
+    def log_likelihoods(self, crops: np.ndarray) -> dict[int, torch.Tensor]:
+        return self.decoders.log_likelihood_maps(self.encoder.features(self.model_input(crops)))
+
+    def reference_statistics(self, crops: np.ndarray, batch_size: int = 64) -> dict[str, object]:
+        parts = [self.log_likelihoods(crops[i : i + batch_size]) for i in range(0, len(crops), batch_size)]
+        values = {s: torch.cat([p[s].flatten() for p in parts]).double() for s in parts[0]}
+        return {"cflow_reference": {str(s): [float(v.mean()), float(v.std())] for s, v in values.items()}}
+
+    def _maps(self, crops: np.ndarray) -> torch.Tensor:
+        if self.reference is None:
+            raise ValueError(f"{self.model_id} has no reference statistics yet: calibrate it before scoring")
+        return anomaly_map(self.log_likelihoods(crops), self.reference, self.image_size)
+
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        return self.score_and_map(crops)[0]
+
+    def pixel_map(self, crops: np.ndarray) -> np.ndarray:
+        return self.score_and_map(crops)[1]
+
+    def score_and_map(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        maps = self._maps(crops)
+        scores = {k: v.double().cpu().numpy() for k, v in image_scores(maps, self.decoders.config.top_k_fraction).items()}
+        resized = torch.nn.functional.interpolate(maps[:, None], size=crops.shape[1:3], mode="bilinear",
+                                                  align_corners=False)
+        return scores, resized[:, 0].cpu().numpy()
+
+
+class BlendScorer(Scorer):
+    """The real-only detector fine-tuned against self-blended pseudo-fakes: its fake log-odds."""
+
+    family = "blend"
+    primary = "blend_fake"
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.detector: BlendDetector = bundle.modules["detector"]  # type: ignore[assignment]
+        self.image_size = self.detector.config.image_size
+
+    @torch.no_grad()
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        return {"blend_fake": self.detector(self.model_input(crops)).double().cpu().numpy()}
+
+
 SCORERS: dict[str, type[Scorer]] = {
     "glow": GlowScorer, "vqvae": VQVAEScorer, "clip": ClipFlowScorer, "patch": PatchScorer,
-    "classifier": ClassifierScorer,
+    "classifier": ClassifierScorer, "blend": BlendScorer, "cflow": CFlowScorer,
 }
 
 

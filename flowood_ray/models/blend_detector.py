@@ -1,0 +1,89 @@
+"""A real-only deepfake detector: an ImageNet EfficientNet-Lite fine-tuned to tell real crops from
+self-blended copies of themselves (Shiohara & Yamasaki, CVPR 2022).
+
+It never sees a manipulation method. Every training crop is paired with a blend of itself made on
+the fly (`self_blend.py`), so the only difference the network can learn is the trace a blend leaves:
+a boundary, a colour or frequency mismatch, a slight misalignment inside a face-shaped region. Those
+are what face swaps, reenactments and re-renderings leave too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from flowood_ray.models.efficientnet import EfficientNetLite, EfficientNetLiteConfig
+from flowood_ray.models.self_blend import SelfBlendConfig, jpeg_augment, self_blend
+
+
+class BlendDetectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(128, ge=32, le=512)
+    variant: str = Field("lite0", description="EfficientNet-Lite variant: lite0 or lite2")
+    pretrained: bool = Field(True, description="start from the packaged ImageNet weights")
+    frozen_below_stride: int = Field(
+        4, description="stem and blocks before this stride keep their ImageNet weights (1 fine-tunes all): "
+        "the earliest layers see edges any image has, and freezing them halves the backward pass's cost"
+    )
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    blend: SelfBlendConfig = SelfBlendConfig()
+    jpeg_probability: float = Field(0.5, ge=0.0, le=1.0, description="JPEG re-compression of reals and blends alike")
+    jpeg_quality: tuple[int, int] = (40, 100)
+    flip_probability: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class BlendDetector(nn.Module):
+    """``forward(images) -> (N,)`` fake log-odds; images uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1]."""
+
+    def __init__(self, config: BlendDetectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = EfficientNetLite(
+            EfficientNetLiteConfig(variant=config.variant, strides=(32,), pretrained=config.pretrained)  # type: ignore[arg-type]
+        )
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.encoder.feature_channels[32], 1))
+        self._frozen = self._frozen_layers(config.frozen_below_stride)
+        for layer in self._frozen:
+            layer.requires_grad_(False)
+
+    def _frozen_layers(self, below_stride: int) -> list[nn.Module]:
+        if below_stride not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"frozen_below_stride must be 1, 2, 4, 8, 16 or 32, got {below_stride}")
+        if below_stride == 1:
+            return []
+        layers: list[nn.Module] = [self.encoder.stem]
+        stride = 2
+        for block in self.encoder.blocks:
+            stride *= block.depthwise.stride
+            if stride >= below_stride:
+                break
+            layers.append(block)
+        return layers
+
+    def train(self, mode: bool = True) -> BlendDetector:
+        super().train(mode)
+        # Frozen layers keep their ImageNet BatchNorm statistics too.
+        for layer in self._frozen:
+            layer.eval()
+        return self
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.encoder.features(images)[32]
+        return self.head(features.mean(dim=(2, 3))).squeeze(1)
+
+
+def blended_batch(
+    images: np.ndarray, meshes: np.ndarray, config: BlendDetectorConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(2N images, 2N labels): the real crops, then a self-blend of each, both augmented alike (JPEG, flips).
+
+    `meshes` are (N, 468, 2) face-mesh landmarks in the crops' pixel coordinates.
+    """
+    blends, _ = self_blend(images, meshes, rng, config.blend)
+    both = jpeg_augment(np.concatenate([images, blends]), rng, config.jpeg_quality, config.jpeg_probability)
+    flip = rng.random(len(both)) < config.flip_probability
+    both[flip] = both[flip, :, ::-1]
+    labels = np.r_[np.zeros(len(images)), np.ones(len(images))].astype(np.float32)
+    return both, labels

@@ -1,0 +1,77 @@
+"""The real-only blend detector: what is fine-tuned and what stays ImageNet's, how a training batch is
+made, and that training separates reals from their self-blends."""
+
+from __future__ import annotations
+
+import mediapipe as mp
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from conftest import phase_loss_before_and_after
+from flowood_ray.media.facecrop import ModelInput, model_input_points
+from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig, blended_batch
+from flowood_ray.models.catalog import build_modules, family
+
+
+@pytest.fixture(scope="module")
+def faces() -> tuple[np.ndarray, np.ndarray]:
+    """Eight 64 px crops of scikit-image's astronaut, slightly shifted, and their face meshes."""
+    import cv2
+
+    photo = skimage.data.astronaut()
+    crops = np.stack([cv2.resize(photo[20 + d: 260 + d, 130 - d: 370 - d], (64, 64), interpolation=cv2.INTER_AREA)
+                      for d in range(0, 16, 2)])
+    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1) as mesh:
+        points = np.stack([[(p.x * 64, p.y * 64) for p in mesh.process(c).multi_face_landmarks[0].landmark]
+                           for c in crops]).astype(np.float32)
+    return crops, points
+
+
+def test_layers_below_the_frozen_stride_keep_imagenet_weights_and_statistics() -> None:
+    """Catches freezing the wrong layers, and BatchNorm statistics of frozen layers drifting in train()."""
+    detector = BlendDetector(BlendDetectorConfig(image_size=64, frozen_below_stride=8))
+    frozen = [detector.encoder.stem, *detector.encoder.blocks[:3]]  # strides 2 and 4 (blocks 0-2 in Lite0)
+    assert all(not p.requires_grad for layer in frozen for p in layer.parameters())
+    assert all(p.requires_grad for p in detector.encoder.blocks[3].parameters())
+    assert all(p.requires_grad for p in detector.head.parameters())
+    before = detector.encoder.stem.bn.running_mean.clone()
+    detector.train()
+    detector(torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8))
+    assert torch.equal(detector.encoder.stem.bn.running_mean, before)
+    assert not detector.encoder.blocks[3].project.bn.running_mean.equal(torch.zeros_like(
+        detector.encoder.blocks[3].project.bn.running_mean))
+    with pytest.raises(ValueError, match="frozen_below_stride"):
+        BlendDetector(BlendDetectorConfig(frozen_below_stride=3))
+
+
+def test_a_training_batch_is_the_reals_then_their_blends(faces) -> None:
+    """Catches labels out of step with the images and blends that are not made from the same crops."""
+    crops, points = faces
+    config = BlendDetectorConfig(image_size=64, jpeg_probability=0.0, flip_probability=0.0)
+    images, labels = blended_batch(crops, points, config, np.random.default_rng(0))
+    assert images.shape == (16, 64, 64, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0.0] * 8 + [1.0] * 8
+    assert np.array_equal(images[:8], crops)  # no augmentation asked: reals pass unchanged
+    diff = np.abs(images[8:].astype(int) - crops).mean(axis=(1, 2, 3))
+    assert (diff > 0.5).all() and (diff < 40).all()  # each blend is its own crop, altered inside the face
+
+
+def test_mesh_points_follow_the_model_input_resize_and_face_fraction() -> None:
+    points = np.array([[0.0, 0.0], [127.0, 127.0], [63.5, 63.5]], np.float32)
+    np.testing.assert_allclose(model_input_points(points, 128, 64, ModelInput()), [[-0.25, -0.25], [63.25, 63.25],
+                                                                                   [31.5, 31.5]])
+    # The central half of a 128 px crop is pixels 32..95, kept at 64 px: a shift by 32, no scaling.
+    half = model_input_points(points, 128, 64, ModelInput(face_fraction=0.5))
+    np.testing.assert_allclose(half, [[-32.0, -32.0], [95.0, 95.0], [31.5, 31.5]])
+
+
+def test_training_separates_reals_from_their_self_blends(faces) -> None:
+    torch.manual_seed(0)
+    crops, points = faces
+    modules = build_modules("blend", {"detector": {"image_size": 64, "dropout": 0.0}})
+    batch = {"image": torch.from_numpy(crops), "label": torch.zeros(8), "mesh": torch.from_numpy(points)}
+    before, after = phase_loss_before_and_after("blend", 0, modules, batch, steps=15, lr=1e-3, seed=0)
+    assert family("blend").supervised is False and family("blend").needs_mesh
+    assert before > 0.5 and after < 0.6 * before, (before, after)
