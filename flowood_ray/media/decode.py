@@ -3,16 +3,22 @@
 PyAV is the primary decoder (threaded, exact frame counting); OpenCV is the fallback for
 containers PyAV cannot open. Still images are one-frame videos so that every later stage
 has a single code path.
+
+Every size is checked against MAX_PIXELS before a decoder allocates a frame: images from their
+own header (`read_image_header`), videos by FFmpeg itself (`max_pixels`) and by `probe`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -22,8 +28,18 @@ from flowood_ray.media.manifest import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-# Decompression bombs: refuse to allocate frames beyond this many pixels.
+# The one size limit of decoded media, still images and video frames alike (serve's max_image_pixels may
+# only lower it). An 8192x8192 RGB frame is 192 MiB, far beyond any face dataset, while a crafted header
+# of a few bytes can claim gigabytes: larger sizes are refused from the header, before a pixel is decoded.
 MAX_PIXELS = 8192 * 8192
+# Opening a container runs avformat_find_stream_info, which decodes frames at whatever size the stream
+# header claims before probe() sees that size, and a stream may switch to a larger size mid-way: with
+# this option FFmpeg's decoders refuse such a frame instead of allocating it.
+_FFMPEG_LIMITS = {"max_pixels": str(MAX_PIXELS)}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_MARKERS_WITHOUT_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM and RST0..RST7
+_WEBP_ANIMATION_FLAG = 0x02
 
 
 class MediaError(Exception):
@@ -42,6 +58,13 @@ class MediaInfo:
     frame_count: int
     duration_s: float
     codec: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str  # "png", "jpeg", "webp" or "bmp": what the bytes are, whatever the file is called
     width: int
     height: int
 
@@ -84,22 +107,131 @@ def _check_dimensions(width: int, height: int) -> None:
         raise MediaError("unsupported", f"frame size {width}x{height} exceeds the {MAX_PIXELS} pixel limit")
 
 
-def _read_image(path: Path) -> np.ndarray:
-    data = np.fromfile(path, dtype=np.uint8)
-    # Header-only decode first, so a decompression bomb is refused before its pixels are allocated.
-    header = cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_8)
-    if header is None:
-        raise MediaError("decode_error", "bytes are not a decodable image")
-    _check_dimensions(header.shape[1] * 8, header.shape[0] * 8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+def read_image_header(data: bytes) -> ImageHeader:
+    """Format and size of a PNG, JPEG, WebP or BMP image, read from its header without decoding.
+
+    OpenCV picks its decoder from these same leading bytes and sizes its frame from these same
+    fields, so the size read here is the size it would allocate. Any other format is refused: its
+    bytes would reach a decoder whose header nothing has checked. Raises MediaError.
+    """
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_header(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return _jpeg_header(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_header(data)
+    if data.startswith(b"BM"):
+        return _bmp_header(data)
+    raise MediaError("unsupported", "the bytes are not a PNG, JPEG, WebP or BMP image")
+
+
+def _unpack(layout: str, data: bytes, offset: int, image_format: str) -> tuple[Any, ...]:
+    try:
+        return struct.unpack_from(layout, data, offset)
+    except struct.error:
+        raise MediaError("decode_error", f"truncated {image_format} header") from None
+
+
+def _png_header(data: bytes) -> ImageHeader:
+    # libpng requires IHDR as the first chunk, so its size is the one decoded; a failed CRC means the
+    # size itself may be corrupt.
+    length, kind, width, height = _unpack(">I4sII", data, 8, "PNG")
+    if length != 13 or kind != b"IHDR":
+        raise MediaError("decode_error", "PNG does not start with its IHDR chunk")
+    (crc,) = _unpack(">I", data, 29, "PNG")
+    if zlib.crc32(data[12:29]) != crc:
+        raise MediaError("decode_error", "PNG IHDR chunk fails its CRC check")
+    # Each frame of an animated PNG carries its own size (fcTL), which IHDR does not bound for every
+    # decoder; stills are all this project reads.
+    position = 33
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"acTL":
+            raise MediaError("unsupported", "animated PNG (APNG) is not supported")
+        if kind == b"IDAT":
+            break
+        position += 12 + length
+    return ImageHeader("png", width, height)
+
+
+def _jpeg_header(data: bytes) -> ImageHeader:
+    # Markers are found the way libjpeg's next_marker() finds them (stray bytes, FF 00 pairs and FF fill
+    # bytes between segments are skipped) and segments are skipped by their length, so the frame header
+    # (SOFn) reached is the decoder's: a SOF-like byte pair inside an EXIF or comment segment is not one.
+    position = 2
+    while True:
+        position = data.find(b"\xff", position)
+        while 0 <= position < len(data) and data[position] == 0xFF:
+            position += 1
+        if not 0 <= position < len(data):
+            raise MediaError("decode_error", "truncated JPEG header")
+        marker = data[position]
+        position += 1
+        if marker == 0x00 or marker in _JPEG_MARKERS_WITHOUT_LENGTH:
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or SOS: libjpeg needs a frame header first
+            raise MediaError("decode_error", "JPEG has no frame header before its image data")
+        (length,) = _unpack(">H", data, position, "JPEG")
+        if marker in _JPEG_SOF_MARKERS:
+            height, width = _unpack(">HH", data, position + 3, "JPEG")
+            return ImageHeader("jpeg", width, height)
+        if length < 2:
+            raise MediaError("decode_error", f"JPEG segment {marker:#04x} has an invalid length {length}")
+        position += length
+
+
+def _webp_header(data: bytes) -> ImageHeader:
+    # The first chunk holds the size: the canvas of an extended file (libwebp requires a still's
+    # bitstream to match it), else the lossless or lossy bitstream header.
+    (kind,) = _unpack("4s", data, 12, "WebP")
+    if kind == b"VP8X":
+        flags, width, height = _unpack("<B3x3s3s", data, 20, "WebP")
+        if flags & _WEBP_ANIMATION_FLAG:
+            raise MediaError("unsupported", "animated WebP is not supported")
+        return ImageHeader("webp", 1 + int.from_bytes(width, "little"), 1 + int.from_bytes(height, "little"))
+    if kind == b"VP8L":
+        signature, bits = _unpack("<BI", data, 20, "WebP")
+        if signature != 0x2F:
+            raise MediaError("decode_error", "WebP lossless bitstream lacks its signature")
+        return ImageHeader("webp", 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF))
+    if kind == b"VP8 ":
+        start_code, width, height = _unpack("<3x3sHH", data, 20, "WebP")
+        if start_code != b"\x9d\x01\x2a":
+            raise MediaError("decode_error", "WebP lossy bitstream lacks its key frame start code")
+        return ImageHeader("webp", width & 0x3FFF, height & 0x3FFF)  # the top two bits are a scale hint
+    raise MediaError("decode_error", f"WebP starts with an unknown chunk {kind!r}")
+
+
+def _bmp_header(data: bytes) -> ImageHeader:
+    # OpenCV reads a 16-bit size from the old 12-byte OS/2 header and a signed 32-bit size from any
+    # header of 36 bytes or more; a negative height only means the rows are stored top-down.
+    (header_size,) = _unpack("<I", data, 14, "BMP")
+    if header_size == 12:
+        width, height = _unpack("<HH", data, 18, "BMP")
+    elif header_size >= 36:
+        width, height = _unpack("<ii", data, 18, "BMP")
+    else:
+        raise MediaError("decode_error", f"BMP info header of {header_size} bytes is not a known kind")
+    return ImageHeader("bmp", width, abs(height))
+
+
+def _read_image(path: Path) -> tuple[ImageHeader, np.ndarray]:
+    data = Path(path).read_bytes()
+    header = read_image_header(data)
+    _check_dimensions(header.width, header.height)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise MediaError("decode_error", "bytes are not a decodable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        raise MediaError("decode_error", f"{header.format} image is truncated or corrupt")
+    return header, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _open_video(path: Path) -> av.container.InputContainer:
+    return av.open(str(path), "r", options=_FFMPEG_LIMITS)
 
 
 def _count_packets(path: Path) -> int:
     """Exact frame count without decoding: one video packet per frame for the codecs we read."""
-    with av.open(str(path)) as container:
+    with _open_video(path) as container:
         stream = container.streams.video[0]
         return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
@@ -110,10 +242,11 @@ def probe(path: Path) -> MediaInfo:
     kind = media_kind(path)
     _check_readable(path)
     if kind == "image":
-        rgb = _read_image(path)
-        return MediaInfo("image", 0.0, 1, 0.0, path.suffix.lower().lstrip("."), rgb.shape[1], rgb.shape[0])
+        # A full decode, so that a corrupt image is refused here and the size is the decoded (upright) one.
+        header, rgb = _read_image(path)
+        return MediaInfo("image", 0.0, 1, 0.0, header.format, rgb.shape[1], rgb.shape[0])
     try:
-        with av.open(str(path)) as container:
+        with _open_video(path) as container:
             if not container.streams.video:
                 raise MediaError("unsupported", "container has no video stream")
             stream = container.streams.video[0]
@@ -141,6 +274,8 @@ def probe(path: Path) -> MediaInfo:
 
 
 def _probe_opencv(path: Path, pyav_error: str) -> MediaInfo:
+    # Unlike PyAV, OpenCV opens the container with no frame size limit (its stream probing may decode a
+    # frame at the claimed size), so the size is only checked once it is open, before any frame is read.
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
@@ -170,8 +305,15 @@ def iter_frames(
     if info.kind == "image":
         outcome.backend = "opencv-image"
         if indices is None or 0 in indices:
+            try:
+                _, rgb = _read_image(path)
+            except MediaError as exc:
+                # probe() decoded the file, so it changed since or `info` was not probe()'s.
+                outcome.error = exc.reason
+                log.warning("%s: %s", path, outcome.error)
+                return
             outcome.frames_decoded = 1
-            yield 0, 0.0, _read_image(path)
+            yield 0, 0.0, rgb
         return
     wanted = None if indices is None else sorted(set(indices))
     if wanted is not None and not wanted:
@@ -190,8 +332,9 @@ def _iter_frames_pyav(
     want = set(wanted) if wanted is not None else None
     index = 0
     try:
-        with av.open(str(path)) as container:
+        with _open_video(path) as container:
             stream = container.streams.video[0]
+            stream.codec_context.options = _FFMPEG_LIMITS
             stream.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             for frame in container.decode(stream):
