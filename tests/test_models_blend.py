@@ -42,7 +42,7 @@ def test_layers_below_the_frozen_stride_keep_imagenet_weights_and_statistics() -
     assert torch.equal(detector.encoder.stem.bn.running_mean, before)
     assert not detector.encoder.blocks[3].project.bn.running_mean.equal(torch.zeros_like(
         detector.encoder.blocks[3].project.bn.running_mean))
-    with pytest.raises(ValueError, match="frozen_below_stride"):
+    with pytest.raises(ValueError, match="stride must be"):
         BlendDetector(BlendDetectorConfig(frozen_below_stride=3))
 
 

@@ -250,9 +250,11 @@ def forge_archive(archive: Path, out: Path, config: ForgeConfig, people: Path | 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / META_FILE
-    if meta_path.exists() and json.loads(meta_path.read_text())["config"] != config.model_dump(mode="json"):
+    # The worker count does not change a byte of the output, so a rerun may use another one.
+    identity = config.model_dump(mode="json", exclude={"workers"})
+    if meta_path.exists() and json.loads(meta_path.read_text())["config"] != identity:
         raise ValueError(f"{out} was forged with another configuration ({meta_path}); use a new output directory")
-    meta_path.write_text(json.dumps({"config": config.model_dump(mode="json")}, indent=1) + "\n")
+    meta_path.write_text(json.dumps({"config": identity}, indent=1) + "\n")
     _clear_partial_writes(out)
     start = time.perf_counter()
     footage, skipped = list_footage(archive, people)
@@ -277,7 +279,7 @@ def forge_archive(archive: Path, out: Path, config: ForgeConfig, people: Path | 
     rows += [r for result in fakes.values() for r in result["rows"]]
     write_splits(out, {split: [(t.vid, s.vid) for t, s in split_pairs] for split, split_pairs in pairs.items()})
     _write_summary(out / SUMMARY_FILE, rows)
-    meta = {"config": config.model_dump(mode="json"), "archive": str(Path(archive).resolve()),
+    meta = {"config": identity, "archive": str(Path(archive).resolve()),
             "videos": {v.vid: asdict(v) | {"split": split_of.get(v.person), "status": reals[v.vid]["status"]}
                        for v in footage}}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")

@@ -44,30 +44,7 @@ class BlendDetector(nn.Module):
             EfficientNetLiteConfig(variant=config.variant, strides=(32,), pretrained=config.pretrained)  # type: ignore[arg-type]
         )
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.encoder.feature_channels[32], 1))
-        self._frozen = self._frozen_layers(config.frozen_below_stride)
-        for layer in self._frozen:
-            layer.requires_grad_(False)
-
-    def _frozen_layers(self, below_stride: int) -> list[nn.Module]:
-        if below_stride not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"frozen_below_stride must be 1, 2, 4, 8, 16 or 32, got {below_stride}")
-        if below_stride == 1:
-            return []
-        layers: list[nn.Module] = [self.encoder.stem]
-        stride = 2
-        for block in self.encoder.blocks:
-            stride *= block.depthwise.stride
-            if stride >= below_stride:
-                break
-            layers.append(block)
-        return layers
-
-    def train(self, mode: bool = True) -> BlendDetector:
-        super().train(mode)
-        # Frozen layers keep their ImageNet BatchNorm statistics too.
-        for layer in self._frozen:
-            layer.eval()
-        return self
+        self.encoder.freeze_below(config.frozen_below_stride)
 
     def forward(self, images: Tensor) -> Tensor:
         features = self.encoder.features(images)[32]

@@ -204,6 +204,7 @@ class EfficientNetLite(nn.Module):
         super().__init__()
         self.config = config
         self.frozen = False
+        self._frozen_layers: list[nn.Module] = []  # see freeze_below
         spec = _variant(config.variant)
         self.native_resolution = spec.resolution
         self.stem = _ConvBN(3, STEM_CHANNELS, 3, stride=2)
@@ -234,9 +235,31 @@ class EfficientNetLite(nn.Module):
         return dict(self._channels)
 
     def train(self, mode: bool = True) -> EfficientNetLite:
-        # A parent's train() reaches every child: a frozen encoder must keep its BatchNorm in eval mode,
-        # or it would normalise with batch statistics and overwrite its ImageNet running statistics.
-        return super().train(mode and not self.frozen)
+        # A parent's train() reaches every child: a frozen encoder (or frozen early layers) must keep its
+        # BatchNorm in eval mode, or it would normalise with batch statistics and overwrite its ImageNet
+        # running statistics.
+        super().train(mode and not self.frozen)
+        for layer in self._frozen_layers:
+            layer.eval()
+        return self
+
+    def freeze_below(self, stride: int) -> None:
+        """Keep the stem and every block before `stride` at their ImageNet weights and statistics while the
+        rest fine-tunes (1: nothing frozen): the earliest layers see edges any image has, and freezing them
+        saves most of the backward pass's cost at high resolution."""
+        if stride not in (1, 2, *FEATURE_STRIDES):
+            raise ValueError(f"stride must be 1, 2 or one of {FEATURE_STRIDES}, got {stride}")
+        layers: list[nn.Module] = [] if stride == 1 else [self.stem]
+        reached = 2
+        for block in self.blocks:
+            reached *= block.depthwise.stride
+            if stride == 1 or reached >= stride:
+                break
+            layers.append(block)
+        for layer in layers:
+            layer.requires_grad_(False)
+            layer.eval()
+        self._frozen_layers = layers
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1] -> the float (N, 3, H, W) the weights expect."""
