@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import synthetic_crops  # noqa: E402
 
-from flowood_ray.cluster.serve import TOKEN_ENV, decode_image, run_server  # noqa: E402
+from flowood_ray.cluster.serve import run_server  # noqa: E402
+from flowood_ray.cluster.serve_inputs import decode_image  # noqa: E402
+from flowood_ray.cluster.serve_settings import TOKEN_ENV  # noqa: E402
 from flowood_ray.cluster.train import TrainConfig  # noqa: E402
 from flowood_ray.cluster.train_job import train_and_register  # noqa: E402
 from flowood_ray.media.align import align_face  # noqa: E402

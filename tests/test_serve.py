@@ -25,7 +25,8 @@ from ray.serve import Application
 
 from conftest import TINY_MODELS, face_frames, free_port, write_video
 from flowood_ray.cluster.runtime import init_ray
-from flowood_ray.cluster.serve import ServeSettings, build_app, build_application
+from flowood_ray.cluster.serve import build_app, build_application
+from flowood_ray.cluster.serve_settings import ServeSettings
 from flowood_ray.media.align import align_face
 from flowood_ray.media.faces import CropConfig, FaceDetector
 from flowood_ray.registry import configure, load_registered, promote, register_bundle

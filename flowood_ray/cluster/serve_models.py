@@ -1,0 +1,191 @@
+"""The models a scoring replica serves. They come from the MLflow registry: an alias is resolved to a
+version (a resolution is reused for at most `alias_refresh_s`) and the model is cached under that
+version, so a moved alias takes effect on the next resolution and a stale version is never served under
+the alias's name. The header `serve_multiplexed_model_id` selects another model: a URI
+(`models:/flowood-vqvae@champion`, `models:/flowood-glow/2`) or a version or alias of the default model
+(`2`, `candidate`); Serve keeps the last `MAX_MODELS_PER_REPLICA` of them per replica."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from flowood_ray.cluster.serve_schemas import ApiError, ModelInfo
+from flowood_ray.cluster.serve_settings import MAX_MODELS_PER_REPLICA, ServeSettings
+from flowood_ray.media.faces import CropConfig
+from flowood_ray.registry import load_registered, parse_model_uri, resolve_version
+from flowood_ray.scoring.calibration import Calibration
+from flowood_ray.scoring.scorers import Scorer, build_scorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    uri: str  # pinned: models:/NAME/VERSION
+    name: str
+    version: str
+    family: str
+    scorer: Scorer
+    score_name: str
+    frame: Calibration
+    video: Calibration
+    calibration: dict[str, Any]
+    crop: CropConfig  # how the training crops were made; serving crops the same way
+    lambda_p: float | None  # restoration threshold of the VQ-VAE family
+
+    @property
+    def aggregation(self) -> str:
+        return str(self.calibration.get("video_aggregation", "mean"))
+
+    def info(self, fpr: float) -> ModelInfo:
+        return ModelInfo(
+            name=self.name, version=self.version, family=self.family, score=self.score_name, fpr=fpr,
+            frame_threshold=self.frame.threshold(fpr), video_threshold=self.video.threshold(fpr),
+        )
+
+
+def load_served_model(uri: str, settings: ServeSettings) -> ServedModel:
+    """The registered bundle behind `uri` with its scorer and the calibration of its primary score."""
+    bundle = load_registered(uri)
+    try:
+        scorer = build_scorer(bundle)
+    except ValueError as exc:
+        raise ApiError(422, "unsupported_model", f"{bundle.model_id}: {exc}") from None
+    score_name = scorer.primary
+    try:
+        frame = Calibration.model_validate(bundle.calibration["frame"][score_name])
+        video = Calibration.model_validate(bundle.calibration["video"][score_name])
+        frame.threshold(settings.fpr)
+        video.threshold(settings.fpr)
+        crop = CropConfig(**bundle.extra.get("crop", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ApiError(422, "model_not_calibrated", f"{bundle.model_id} has no frame and video calibration of "
+                       f"{score_name!r} at fpr={settings.fpr}: {exc}") from None
+    assert bundle.name is not None and bundle.version is not None
+    return ServedModel(
+        uri=uri, name=bundle.name, version=bundle.version, family=bundle.family, scorer=scorer, score_name=score_name,
+        frame=frame, video=video, calibration=bundle.calibration, crop=crop, lambda_p=bundle.extra.get("lambda_p"),
+    )
+
+
+def registry_error(uri: str, exc: Exception) -> ApiError:
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        return ApiError(404, "unknown_model", f"{uri}: {exc.message}")
+    return ApiError(503, "registry_unavailable", f"cannot load {uri} from the model registry: {exc}")
+
+
+def model_aliases(name: str, version: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return sorted(MlflowClient().get_model_version(name, version).aliases)
+
+
+def score_jobs(jobs: list[tuple[ServedModel, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Scores of each job's crops, with one scorer call per model over all of that model's crops."""
+    results: list[dict[str, np.ndarray]] = [{} for _ in jobs]
+    groups: dict[str, list[int]] = {}
+    for i, (model, _) in enumerate(jobs):
+        groups.setdefault(model.uri, []).append(i)
+    for indices in groups.values():
+        model = jobs[indices[0]][0]
+        if model.scorer.scores_clips:
+            # A clip scorer reads its crops as one video's frames: requests cannot share a call.
+            for i in indices:
+                results[i] = model.scorer.score(jobs[i][1])
+            continue
+        scores = model.scorer.score(np.concatenate([jobs[i][1] for i in indices]))
+        bounds = np.cumsum([0] + [len(jobs[i][1]) for i in indices])
+        for i, start, stop in zip(indices, bounds[:-1], bounds[1:]):
+            results[i] = {name: values[start:stop] for name, values in scores.items() if values.ndim == 1}
+    return results
+
+
+def primary_scores(model: ServedModel, scores: dict[str, np.ndarray]) -> np.ndarray:
+    values = np.asarray(scores[model.score_name], dtype=np.float64)
+    if not np.isfinite(values).all():
+        # JSON has no NaN and a non-finite density score says the model broke, not that the face is fake.
+        raise ApiError(422, "unscorable", f"{model.score_name} is not finite for this input")
+    return values
+
+
+class MultiplexedModels:
+    """The deployment's models, resolved and cached as the module docstring says. A base class of the
+    deployment rather than a member of it: Serve routes requests by model id only to deployments whose
+    class defines the `@serve.multiplexed` loader."""
+
+    settings: ServeSettings
+
+    def _preload_default_model(self) -> ServedModel:
+        """The default model, loaded now: a wrong URI fails the deployment rather than every request."""
+        settings = self.settings
+        self._default_name = parse_model_uri(settings.models[0])[0]
+        name, version = resolve_version(settings.models[0])
+        pinned = f"models:/{name}/{version}"
+        model = load_served_model(pinned, settings)
+        self._preloaded: dict[str, ServedModel] = {pinned: model}
+        self._pins: dict[str, tuple[float, str]] = {settings.models[0]: (time.monotonic(), pinned)}
+        return model
+
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_model(self, model_id: str) -> ServedModel:
+        """Load a pinned models:/NAME/VERSION; Serve evicts the least recently used beyond three."""
+        preloaded = self._preloaded.pop(model_id, None)
+        if preloaded is not None:
+            return preloaded
+        log.info("loading %s", model_id)
+        return await asyncio.to_thread(load_served_model, model_id, self.settings)
+
+    def _model_uri(self, requested: str) -> str:
+        if requested.startswith("models:/"):
+            uri = requested
+        elif requested.isdigit():
+            uri = f"models:/{self._default_name}/{requested}"
+        else:
+            uri = f"models:/{self._default_name}@{requested}"
+        try:
+            parse_model_uri(uri)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_model_id", str(exc)) from None
+        return uri
+
+    async def _pin(self, uri: str) -> str:
+        """models:/NAME/VERSION for `uri`, with an alias resolved at most `alias_refresh_s` ago."""
+        name, ref = parse_model_uri(uri)
+        if ref.isdigit():
+            return f"models:/{name}/{ref}"
+        now = time.monotonic()
+        cached = self._pins.get(uri)
+        if cached is not None and now - cached[0] < self.settings.alias_refresh_s:
+            return cached[1]
+        try:
+            name, version = await asyncio.to_thread(resolve_version, uri)
+        except Exception as exc:  # noqa: BLE001 - MLflow's own and transport errors alike become 404/503
+            raise registry_error(uri, exc) from None
+        pinned = f"models:/{name}/{version}"
+        if cached is not None and cached[1] != pinned:
+            log.info("%s moved from %s to %s", uri, cached[1], pinned)
+        self._pins[uri] = (now, pinned)
+        return pinned
+
+    async def _load(self, uri: str) -> ServedModel:
+        pinned = await self._pin(uri)
+        try:
+            return await self.get_model(pinned)
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _pin
+            log.warning("loading %s failed: %s", pinned, exc)
+            raise registry_error(pinned, exc) from None
+
+    async def _requested_model(self) -> ServedModel:
+        requested = serve.get_multiplexed_model_id() or self.settings.models[0]
+        return await self._load(self._model_uri(requested))
