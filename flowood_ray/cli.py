@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from flowood_ray.glow_cli import glow_app
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.sampling import SamplingConfig
 
@@ -125,6 +126,7 @@ def preprocess(
     margin: Annotated[float, typer.Option(help="context around the face")] = 0.3,
     detect_every: Annotated[int, typer.Option(help="detector every k-th sampled frame, tracking between")] = 5,
     model: Annotated[str, typer.Option(help="MediaPipe detector: short or full range")] = "short",
+    face_mesh: Annotated[bool, typer.Option(help="store face-mesh landmarks per crop (the blend family needs them)")] = False,
     workers: Annotated[int | None, typer.Option(help="cropping actors (default: all cluster CPUs)")] = None,
     videos_per_shard: Annotated[int, typer.Option(help="videos per output shard")] = 8,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
@@ -139,7 +141,7 @@ def preprocess(
         sampling_config = SamplingConfig(
             mode=sampling, num_frames=frames, stride=stride if sampling == "stride" else 1, max_frames=max_frames
         )
-        crop_config = CropConfig(size=size, margin=margin, detect_every=detect_every, model=model)
+        crop_config = CropConfig(size=size, margin=margin, detect_every=detect_every, model=model, face_mesh=face_mesh)
         videos = run_preprocess(
             table, out, sampling_config, crop_config, workers=workers, videos_per_shard=videos_per_shard,
             address=address,
@@ -270,6 +272,7 @@ app.add_typer(models_app, name="models")
 cluster_app = typer.Typer(help="A local Ray head (token auth) and MLflow server for `ray job submit`.",
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(glow_app, name="glow")
 
 
 
