@@ -201,7 +201,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             throughput = samples * ctx.get_world_size() / (time.perf_counter() - epoch_start)
             val = _validate(phase, modules, val_shard, tc, device)
             if dist.is_available() and dist.is_initialized():
-                totals = torch.tensor([val[0], val[1], float(batches)], dtype=torch.float64)
+                # NCCL reduces only tensors on the GPU; gloo takes CPU tensors.
+                totals = torch.tensor([val[0], val[1], float(batches)], dtype=torch.float64, device=device)
                 dist.all_reduce(totals)
                 val = (float(totals[0]), float(totals[1]))
             report = {f"train_{k}": v / max(batches, 1) for k, v in train_sums.items()}

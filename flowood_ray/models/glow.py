@@ -42,6 +42,7 @@ from flowood_ray.models.flow_blocks import (
     Squeeze,
     ZeroConv2d,
 )
+from flowood_ray.models.randomness import draw
 
 Dequantize = Literal["uniform", "center"]
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -86,7 +87,7 @@ def preprocess(
     if n_bits < 8:
         x = torch.floor(x / 2 ** (8 - n_bits))
     if dequantize == "uniform":
-        x = x + torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + draw(torch.rand, x.shape, generator, x.device, x.dtype)
     elif dequantize == "center":
         x = x + 0.5
     else:
@@ -203,7 +204,7 @@ class Glow(nn.Module):
         """n samples in [-0.5, 0.5) space (clip/quantise with :func:`postprocess`); latents scaled by temperature."""
         device, dtype = self.top_mean.device, self.top_mean.dtype
         latents = [
-            temperature * torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)
+            temperature * draw(torch.randn, (n, *shape), generator, device, dtype)
             for shape in self.latent_shapes
         ]
         return self.inverse(latents)

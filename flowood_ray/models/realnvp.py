@@ -19,7 +19,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from flowood_ray.models.flow_blocks import ActNorm, InvConv2d1x1, InvertibleBlock, MaskedAffineCoupling, SequentialFlow
+from flowood_ray.models.flow_blocks import (
+    ActNorm,
+    InvConv2d1x1,
+    InvertibleBlock,
+    MaskedAffineCoupling,
+    SequentialFlow,
+)
+from flowood_ray.models.randomness import draw
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -81,5 +88,5 @@ class RealNVP(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         param = next(self.parameters())
-        z = torch.randn((n, self.config.dim), generator=generator, device=param.device, dtype=param.dtype)
+        z = draw(torch.randn, (n, self.config.dim), generator, param.device, param.dtype)
         return self.inverse(temperature * z)

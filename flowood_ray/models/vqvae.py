@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from flowood_ray.models.randomness import draw
+
 
 class VQVAEConfig(BaseModel):
     """Hyper-parameters of a :class:`VQVAE`; saved as JSON with every run and enough to rebuild it."""
@@ -465,7 +467,7 @@ def restore(
     current = codes.repeat_interleave(n_samples, dim=0).contiguous()
     flat = current.view(-1, length)
     eligible = mask.repeat_interleave(n_samples, dim=0).reshape(-1, length)
-    uniforms = torch.rand(flat.shape, generator=generator, dtype=torch.float64, device=codes.device)
+    uniforms = draw(torch.rand, flat.shape, generator, codes.device, torch.float64)
     initial_logits = prior(codes).flatten(2)  # (N, K, h*w)
     changed = torch.zeros(flat.shape[0], dtype=torch.bool, device=codes.device)
 
