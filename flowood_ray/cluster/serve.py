@@ -280,6 +280,7 @@ def run_server(
     tracking_uri: str | None = None,
     address: str | None = None,
     num_replicas: int = 1,
+    gpus_per_replica: float = 0.0,
     blocking: bool = True,
     **settings: Any,
 ) -> None:
@@ -297,7 +298,11 @@ def run_server(
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_application(config, num_replicas=num_replicas), name=APP_NAME, route_prefix="/")
+        options: dict[str, Any] = {"num_replicas": num_replicas}
+        if gpus_per_replica:
+            options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
+            config = config.model_copy(update={"device": "cuda"})
+        serve.run(build_application(config, **options), name=APP_NAME, route_prefix="/")
         log.info("scoring %s at http://%s:%d (docs at /docs)", config.models, host, port)
         while blocking:
             time.sleep(3600)

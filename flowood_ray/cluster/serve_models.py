@@ -53,9 +53,9 @@ class ServedModel:
 
 def load_served_model(uri: str, settings: ServeSettings) -> ServedModel:
     """The registered bundle behind `uri` with its scorer and the calibration of its primary score."""
-    bundle = load_registered(uri)
+    bundle = load_registered(uri, settings.device)
     try:
-        scorer = build_scorer(bundle)
+        scorer = build_scorer(bundle, settings.device)
     except ValueError as exc:
         raise ApiError(422, "unsupported_model", f"{bundle.model_id}: {exc}") from None
     score_name = scorer.primary

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -51,6 +51,8 @@ class ServeSettings(BaseModel):
     # only adds latency when a replica's CPUs are already busy with the forward pass.
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)
     preprocess_threads: int = Field(2, ge=1, le=32, description="threads (and MediaPipe graphs) decoding and detecting")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where replicas run the models (cuda: give each "
+                                           "replica a GPU with `gpus_per_replica`)")
 
     @model_validator(mode="before")
     @classmethod
