@@ -251,6 +251,7 @@ def serve(
     host: Annotated[str, typer.Option(help="bind address; loopback unless you mean otherwise")] = "127.0.0.1",
     port: int = 8000,
     replicas: Annotated[int, typer.Option(help="Serve replicas")] = 1,
+    gpus_per_replica: Annotated[float, typer.Option(help="GPUs per replica; > 0 runs the models on CUDA")] = 0.0,
     tracking_uri: TrackingOption = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
 ) -> None:
@@ -262,7 +263,8 @@ def serve(
     from flowood_ray.cluster.serve import run_server
 
     try:
-        run_server(model, host=host, port=port, tracking_uri=tracking_uri, address=address, num_replicas=replicas)
+        run_server(model, host=host, port=port, tracking_uri=tracking_uri, address=address, num_replicas=replicas,
+                   gpus_per_replica=gpus_per_replica)
     except (ValidationError, ValueError) as exc:
         _fail(str(exc))
 
