@@ -43,7 +43,7 @@ SMOKE_MODELS = {
     "clip": {"encoder": {"image_size": 32, "clip_frames": 4, "encoder": {"widths": [8, 16], "embed_dim": 8}},
              "flow": {"n_layers": 4, "hidden": 32}},
     "patch": {"patch": {"image_size": 32, "patch": 4, "stride": 4, "n_layers": 2, "hidden": 16}},
-    "classifier": {},
+    "classifier": {"classifier": {"image_size": 32}},
     "blend": {"detector": {"image_size": 32}},
     "cflow": {"cflow": {"image_size": 32, "strides": [8, 16], "coupling_layers": 2, "condition_dim": 8}},
 }

@@ -139,10 +139,13 @@ TINY_MODELS = {
         "flow": {"n_layers": 4, "hidden": 32},
     },
     "patch": {"patch": {"image_size": 32, "patch": 4, "stride": 4, "n_layers": 2, "hidden": 16}},
-    "classifier": {"classifier": {"image_size": 32, "widths": [8, 16], "groups": 4}, "abnormality": {"hidden": 16}},
+    "classifier": {"classifier": {"image_size": 32, "decoder_widths": [32, 16, 16, 8, 8]}, "abnormality": {"hidden": 16}},
     "blend": {"detector": {"image_size": 32}},
     "cflow": {"cflow": {"image_size": 32, "strides": [8, 16], "coupling_layers": 2, "condition_dim": 8,
                         "fibers_per_image": 8}},
+    "differnet": {"differnet": {"image_size": 32, "coupling_layers": 2, "hidden": 32}},
+    "svdd": {"svdd": {"image_size": 32, "widths": [32, 8]}},
+    "patchsvdd": {"patchsvdd": {"image_size": 32, "strides": [8, 16], "bank_size": 500}},
 }
 
 

@@ -36,6 +36,8 @@ def test_layers_below_the_frozen_stride_keep_imagenet_weights_and_statistics() -
     assert all(not p.requires_grad for layer in frozen for p in layer.parameters())
     assert all(p.requires_grad for p in detector.encoder.blocks[3].parameters())
     assert all(p.requires_grad for p in detector.head.parameters())
+    # Fine-tuned BatchNorms follow the new data at the configured momentum; frozen ones keep TF's.
+    assert detector.encoder.blocks[3].project.bn.momentum == 0.1 and detector.encoder.stem.bn.momentum == 0.01
     before = detector.encoder.stem.bn.running_mean.clone()
     detector.train()
     detector(torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8))

@@ -362,19 +362,19 @@ def test_every_classifier_score_follows_its_formula() -> None:
     single detector."""
     torch.manual_seed(0)
     modules = build_modules("classifier", {
-        "classifier": {"image_size": 16, "widths": [8, 16], "groups": 4}, "abnormality": {"hidden": 16},
+        "classifier": {"image_size": 32}, "abnormality": {"hidden": 16},
     })
     classifier, abnormality = modules["classifier"].eval(), modules["abnormality"].eval()
     with torch.no_grad():
         # Logits of a few units: softmax and sigmoids away from 1/2, so every formula is exercised.
         classifier.head.weight.mul_(20.0)
         abnormality.net[-1].weight.mul_(20.0)
-    crops = noisy_crops(4, 16, seed=7, max_amplitude=40.0)
+    crops = noisy_crops(4, 32, seed=7, max_amplitude=40.0)
     scores = build_scorer(bundle_of("classifier", modules)).score(crops)
     x = centred(crops)
     with torch.no_grad():
         output = classifier(x)
-        residual = (output.recon - x).abs().mean(dim=1).view(4, 4, 4, 4, 4).mean(dim=(2, 4))  # 4x4 cells of 4x4 px
+        residual = (output.recon - x).abs().mean(dim=1).view(4, 4, 8, 4, 8).mean(dim=(2, 4))  # 4x4 cells of 8x8 px
         logits = output.logits.double()
         log_total = torch.logsumexp(logits, dim=1)
         aux = torch.cat([output.logits, output.logits.softmax(dim=1), -torch.logsumexp(output.logits, 1, True),

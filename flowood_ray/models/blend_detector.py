@@ -27,6 +27,7 @@ class BlendDetectorConfig(BaseModel):
         4, description="stem and blocks before this stride keep their ImageNet weights (1 fine-tunes all): "
         "the earliest layers see edges any image has, and freezing them halves the backward pass's cost"
     )
+    bn_momentum: float = Field(0.1, gt=0.0, le=1.0, description="BatchNorm momentum of the fine-tuned layers")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     blend: SelfBlendConfig = SelfBlendConfig()
     jpeg_probability: float = Field(0.5, ge=0.0, le=1.0, description="JPEG re-compression of reals and blends alike")
@@ -44,7 +45,7 @@ class BlendDetector(nn.Module):
             EfficientNetLiteConfig(variant=config.variant, strides=(32,), pretrained=config.pretrained)  # type: ignore[arg-type]
         )
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.encoder.feature_channels[32], 1))
-        self.encoder.freeze_below(config.frozen_below_stride)
+        self.encoder.fine_tune(config.frozen_below_stride, config.bn_momentum)
 
     def forward(self, images: Tensor) -> Tensor:
         features = self.encoder.features(images)[32]

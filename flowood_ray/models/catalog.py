@@ -22,13 +22,16 @@ from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig
 from flowood_ray.models.cflow import CFlowConfig, CFlowDecoders, random_fibres
 from flowood_ray.models.classifier import (
     AbnormalityConfig, AbnormalityModule, FakeClassifier, FakeClassifierConfig, auxiliary, balanced_mean,
-    synthesize_outliers,
 )
 from flowood_ray.models.clip_embedder import ClipAutoencoder, ClipAutoencoderConfig
-from flowood_ray.models.efficientnet import EfficientNetLite, EfficientNetLiteConfig, freeze
+from flowood_ray.models.differnet import DifferNetConfig, DifferNetFlow, pooled_features, random_transforms
+from flowood_ray.models.efficientnet import EfficientNetLite, EfficientNetLiteConfig, freeze, stride_channels
+from flowood_ray.models.self_blend import SelfBlendConfig, self_blend
 from flowood_ray.models.glow import Glow, GlowConfig, preprocess
 from flowood_ray.models.patch_density import PatchDensity, PatchDensityConfig
+from flowood_ray.models.patch_svdd import PatchBank, PatchSVDDConfig
 from flowood_ray.models.realnvp import RealNVP, RealNVPConfig
+from flowood_ray.models.svdd import DeepSVDD, DeepSVDDConfig
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, PixelSNAILConfig, VQVAEConfig
 
 # loss(modules, batch, generator) -> (loss, metrics to log). A batch holds "image": uint8 images
@@ -139,14 +142,21 @@ def _patch_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch
     return loss, {"nll": float(loss.detach())}
 
 
+def _self_blends(batch: Batch, count: int, config: SelfBlendConfig, generator: torch.Generator | None) -> Tensor:
+    """Self-blends of the first `count` real crops of a batch, on the batch's device."""
+    images, real = batch["image"], batch["label"] == 0
+    reals, meshes = images[real][:count], batch["mesh"][real][:count]
+    blends, _ = self_blend(reals.cpu().numpy(), meshes.cpu().numpy(), _numpy_rng(generator), config)
+    return torch.from_numpy(blends).to(images.device)
+
+
 def _classifier_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
     classifier: FakeClassifier = getattr(modules["classifier"], "module", modules["classifier"])
     images, labels = batch["image"], batch["label"].long()
-    reals = images[labels == 0]
-    reals = reals[: round(classifier.config.blended_fakes * len(reals))]
-    if len(reals):
-        images = torch.cat([images, synthesize_outliers(reals, generator)])
-        labels = torch.cat([labels, torch.ones(len(reals), dtype=torch.long, device=labels.device)])
+    count = round(classifier.config.blended_fakes * int((labels == 0).sum()))
+    if count:
+        images = torch.cat([images, _self_blends(batch, count, classifier.config.blend, generator)])
+        labels = torch.cat([labels, torch.ones(count, dtype=torch.long, device=labels.device)])
     x = preprocess(images, 8, "center")
     output = modules["classifier"](x)
     ce = balanced_mean(F.cross_entropy(output.logits, labels, reduction="none"), labels)
@@ -160,9 +170,9 @@ def _abnormality_loss(modules: Mapping[str, nn.Module], batch: Batch, generator:
     grid = getattr(modules["abnormality"], "module", modules["abnormality"]).config.residual_grid
     images, labels = batch["image"], batch["label"]
     # Outliers start from real faces: a new manipulation of real footage is what the module must flag.
-    sources = images[labels == 0] if bool((labels == 0).any()) else images
-    inputs = torch.cat([images, synthesize_outliers(sources, generator)])
-    target = torch.cat([torch.zeros(len(images)), torch.ones(len(sources))]).to(images.device)
+    outliers = _self_blends(batch, int((labels == 0).sum()), classifier.config.blend, generator)
+    inputs = torch.cat([images, outliers])
+    target = torch.cat([torch.zeros(len(images)), torch.ones(len(outliers))]).to(images.device)
     with torch.no_grad():
         x = preprocess(inputs, 8, "center")
         aux = auxiliary(classifier(x), x, grid)
@@ -194,6 +204,36 @@ def _cflow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch
     # Nats per feature dimension, averaged over scales: each scale weighs the same whatever its width.
     nll = torch.stack([-v.mean() for v in log_likelihoods.values()]).mean()
     return nll, {"nll": float(nll.detach())}
+
+
+def _differnet_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    flow: DifferNetFlow = getattr(modules["differnet"], "module", modules["differnet"])
+    with torch.no_grad():
+        pooled = pooled_features(modules["encoder"], random_transforms(batch["image"], flow.config, generator))
+    # Nats per feature dimension, the unit of the differnet_nll score.
+    nll = -modules["differnet"](pooled).mean()
+    return nll, {"nll": float(nll.detach())}
+
+
+def _svdd_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    svdd: DeepSVDD = getattr(modules["svdd"], "module", modules["svdd"])
+    with torch.no_grad():
+        pooled = pooled_features(modules["encoder"], batch["image"])
+    distance = modules["svdd"](pooled).mean()
+    return distance + svdd.weight_penalty(), {"distance": float(distance.detach())}
+
+
+def _patchsvdd_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
+    bank: PatchBank = getattr(modules["patchsvdd"], "module", modules["patchsvdd"])
+    with torch.no_grad():
+        features = modules["encoder"].features(batch["image"])
+    if bank.training:
+        # Filling the bank is the whole of training; validation measures how close real fibres come to it.
+        filled = min(int(getattr(bank, f"seen_{s}")) for s in bank.config.strides) / bank.config.bank_size
+        return modules["patchsvdd"](features), {"bank_filled": min(filled, 1.0)}
+    with torch.no_grad():
+        distance = torch.stack([d.mean() for d in bank.distance_maps(features).values()]).mean()
+    return distance, {"distance": float(distance)}
 
 
 FAMILIES: dict[str, Family] = {
@@ -230,6 +270,7 @@ FAMILIES: dict[str, Family] = {
                 Phase("abnormality", "abnormality", _abnormality_loss, "bce")),
         image_size=lambda c: c["classifier"].image_size,  # type: ignore[attr-defined]
         supervised=True,
+        needs_mesh=True,
     ),
     # Real crops against self-blends of themselves (Shiohara & Yamasaki): no fake is ever seen.
     "blend": Family(
@@ -243,6 +284,27 @@ FAMILIES: dict[str, Family] = {
         components={"encoder": (EfficientNetLiteConfig, EfficientNetLite), "cflow": (CFlowConfig, CFlowDecoders)},
         phases=(Phase("cflow", "cflow", _cflow_loss, "nll"),),
         image_size=lambda c: c["cflow"].image_size,  # type: ignore[attr-defined]
+        frozen=("encoder",),
+    ),
+    # Seed 003's DifferNet: a flow on one pooled multi-scale ImageNet feature vector per crop.
+    "differnet": Family(
+        components={"encoder": (EfficientNetLiteConfig, EfficientNetLite), "differnet": (DifferNetConfig, DifferNetFlow)},
+        phases=(Phase("differnet", "differnet", _differnet_loss, "nll"),),
+        image_size=lambda c: c["differnet"].image_size,  # type: ignore[attr-defined]
+        frozen=("encoder",),
+    ),
+    # Seed 003's Deep SVDD baseline on the same pooled features.
+    "svdd": Family(
+        components={"encoder": (EfficientNetLiteConfig, EfficientNetLite), "svdd": (DeepSVDDConfig, DeepSVDD)},
+        phases=(Phase("svdd", "svdd", _svdd_loss, "distance"),),
+        image_size=lambda c: c["svdd"].image_size,  # type: ignore[attr-defined]
+        frozen=("encoder",),
+    ),
+    # Seed 003's Patch SVDD score: distance of each feature fibre to its nearest real training fibre.
+    "patchsvdd": Family(
+        components={"encoder": (EfficientNetLiteConfig, EfficientNetLite), "patchsvdd": (PatchSVDDConfig, PatchBank)},
+        phases=(Phase("patchsvdd", "patchsvdd", _patchsvdd_loss, "distance"),),
+        image_size=lambda c: c["patchsvdd"].image_size,  # type: ignore[attr-defined]
         frozen=("encoder",),
     ),
 }
@@ -267,14 +329,15 @@ def parse_configs(name: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[s
     # A frozen encoder is whatever its consumer needs: configured through the consumer, built last.
     for comp, (cls, _) in sorted(fam.components.items(), key=lambda item: item[0] in fam.frozen):
         values = dict(configs.get(comp, {}))
-        if name == "cflow" and comp == "encoder":
-            flow: CFlowConfig = parsed["cflow"]  # type: ignore[assignment]
-            values.update(variant=flow.variant, strides=flow.strides, pretrained=True)
+        if comp in fam.frozen:
+            # The family's own component, named like the family, says which variant and maps it reads.
+            consumer = parsed[name]
+            values.update(variant=consumer.variant, strides=consumer.strides, pretrained=True)  # type: ignore[attr-defined]
         if name == "vqvae" and comp == "prior":
             vq: VQVAEConfig = parsed["vqvae"]  # type: ignore[assignment]
             values.update(num_codes=vq.codebook_size, height=vq.code_size, width=vq.code_size)
         if name == "classifier" and comp == "abnormality":
-            values["feature_dim"] = parsed["classifier"].widths[-1]  # type: ignore[attr-defined]
+            values["feature_dim"] = stride_channels(parsed["classifier"].variant)[32]  # type: ignore[attr-defined]
         if name == "clip" and comp == "flow":
             values["dim"] = parsed["encoder"].encoder.embed_dim  # type: ignore[attr-defined]
         parsed[comp] = cls(**values)

@@ -243,6 +243,16 @@ class EfficientNetLite(nn.Module):
             layer.eval()
         return self
 
+    def fine_tune(self, frozen_below_stride: int, bn_momentum: float) -> None:
+        """Prepare for fine-tuning: freeze the early layers (see `freeze_below`) and let the other BatchNorm
+        layers follow the new data at `bn_momentum` (TF's 0.01 would leave their running statistics near
+        ImageNet's after the few hundred steps a small face set gives, and scoring reads them)."""
+        self.freeze_below(frozen_below_stride)
+        frozen = {id(m) for layer in self._frozen_layers for m in layer.modules()}
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d) and id(module) not in frozen:
+                module.momentum = bn_momentum
+
     def freeze_below(self, stride: int) -> None:
         """Keep the stem and every block before `stride` at their ImageNet weights and statistics while the
         rest fine-tunes (1: nothing frozen): the earliest layers see edges any image has, and freezing them

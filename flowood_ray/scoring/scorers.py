@@ -20,12 +20,15 @@ from flowood_ray.media.clips import cut_clips, frame_means
 from flowood_ray.media.facecrop import ModelInput, model_input
 from flowood_ray.models.blend_detector import BlendDetector
 from flowood_ray.models.cflow import CFlowDecoders, anomaly_map, image_scores
+from flowood_ray.models.differnet import DifferNetFlow, gradient_map, multi_transform_nll, pooled_features, unit_float
 from flowood_ray.models.efficientnet import EfficientNetLite
 from flowood_ray.models.classifier import AbnormalityModule, FakeClassifier, auxiliary, fake_or_abnormal, odin_score
 from flowood_ray.models.clip_embedder import ClipAutoencoder
 from flowood_ray.models.glow import Glow, preprocess
 from flowood_ray.models.patch_density import PatchDensity
+from flowood_ray.models.patch_svdd import PatchBank, nearest_distances, patch_anomaly_map, patch_image_scores
 from flowood_ray.models.realnvp import RealNVP
+from flowood_ray.models.svdd import DeepSVDD
 from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
 from flowood_ray.registry import ModelBundle
 from flowood_ray.scoring.aggregate import aggregate_frames
@@ -356,9 +359,118 @@ class BlendScorer(Scorer):
         return {"blend_fake": self.detector(self.model_input(crops)).double().cpu().numpy()}
 
 
+def _resized(maps: torch.Tensor, crops: np.ndarray) -> np.ndarray:
+    """(N, h, w) maps -> float32 numpy at the crops' own resolution (bilinear)."""
+    resized = torch.nn.functional.interpolate(maps[:, None], size=crops.shape[1:3], mode="bilinear",
+                                              align_corners=False)
+    return resized[:, 0].cpu().numpy()
+
+
+class DifferNetScorer(Scorer):
+    """Seed 003's DifferNet: the mean NLL of the crop's pooled ImageNet features over a fixed set of
+    transformed copies, and the gradient of that NLL with respect to the pixels as its map."""
+
+    family = "differnet"
+    primary = "differnet_nll"
+    map_name = "differnet"
+    map_batch = 16  # crops per backward pass: the gradient map keeps every transform's activations
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.encoder: EfficientNetLite = bundle.modules["encoder"]  # type: ignore[assignment]
+        self.flow: DifferNetFlow = bundle.modules["differnet"]  # type: ignore[assignment]
+        self.image_size = self.flow.config.image_size
+
+    @torch.no_grad()
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        x = unit_float(self.model_input(crops))
+        return {"differnet_nll": multi_transform_nll(self.encoder, self.flow, x).double().cpu().numpy()}
+
+    def pixel_map(self, crops: np.ndarray) -> np.ndarray:
+        return self.score_and_map(crops)[1]
+
+    def score_and_map(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        parts = [gradient_map(self.encoder, self.flow, unit_float(self.model_input(crops[i : i + self.map_batch])))
+                 for i in range(0, len(crops), self.map_batch)]
+        scores = torch.cat([p[0] for p in parts]).double().cpu().numpy()
+        return {"differnet_nll": scores}, _resized(torch.cat([p[1] for p in parts]), crops)
+
+
+class DeepSVDDScorer(Scorer):
+    """Seed 003's Deep SVDD baseline: squared distance of the crop's representation to the real centre."""
+
+    family = "svdd"
+    primary = "svdd_distance"
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.encoder: EfficientNetLite = bundle.modules["encoder"]  # type: ignore[assignment]
+        self.svdd: DeepSVDD = bundle.modules["svdd"]  # type: ignore[assignment]
+        self.image_size = self.svdd.config.image_size
+
+    @torch.no_grad()
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        pooled = pooled_features(self.encoder, self.model_input(crops))
+        return {"svdd_distance": self.svdd(pooled).double().cpu().numpy()}
+
+
+class PatchSVDDScorer(Scorer):
+    """Seed 003's Patch SVDD score: each fibre's distance to its nearest real training fibre, as a
+    standardised map and its maximum, top-k mean and mean."""
+
+    family = "patchsvdd"
+    primary = "patchsvdd_topk"
+    map_name = "patchsvdd"
+
+    def __init__(self, bundle: ModelBundle, device: str | torch.device = "cpu") -> None:
+        super().__init__(bundle, device)
+        self.encoder: EfficientNetLite = bundle.modules["encoder"]  # type: ignore[assignment]
+        self.bank: PatchBank = bundle.modules["patchsvdd"]  # type: ignore[assignment]
+        self.image_size = self.bank.config.image_size
+        stored = bundle.extra.get("patchsvdd_reference")
+        # stride -> (mean, std) of real training crops' fibre distances; None before calibration.
+        self.reference = {int(k): (float(v[0]), float(v[1])) for k, v in stored.items()} if stored else None
+
+    @torch.no_grad()
+    def distances(self, crops: np.ndarray) -> dict[int, torch.Tensor]:
+        return self.bank.distance_maps(self.encoder.features(self.model_input(crops)))
+
+    @torch.no_grad()
+    def reference_statistics(self, crops: np.ndarray, batch_size: int = 64) -> dict[str, object]:
+        """Training crops' fibres are in the bank themselves: each is measured against its nearest bank
+        fibre that is not an exact copy of it, as a fibre of an unseen real crop would be."""
+        values: dict[int, list[torch.Tensor]] = {s: [] for s in self.bank.config.strides}
+        for i in range(0, len(crops), batch_size):
+            features = self.encoder.features(self.model_input(crops[i : i + batch_size]))
+            for s in values:
+                fibres = features[s].permute(0, 2, 3, 1).reshape(-1, features[s].shape[1])
+                values[s].append(nearest_distances(fibres, self.bank.fibres(s), skip_copies=True))
+        reference = {}
+        for s, parts in values.items():
+            distance = torch.cat(parts).double()
+            if not float(distance.std()) > 0:
+                raise ValueError(f"stride {s}: the reference crops' fibre distances do not vary; use more crops")
+            reference[str(s)] = [float(distance.mean()), float(distance.std())]
+        return {"patchsvdd_reference": reference}
+
+    def score(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        return self.score_and_map(crops)[0]
+
+    def pixel_map(self, crops: np.ndarray) -> np.ndarray:
+        return self.score_and_map(crops)[1]
+
+    def score_and_map(self, crops: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        if self.reference is None:
+            raise ValueError(f"{self.model_id} has no reference statistics yet: calibrate it before scoring")
+        maps = patch_anomaly_map(self.distances(crops), self.reference, self.image_size)
+        scores = patch_image_scores(maps, self.bank.config.top_k_fraction)
+        return {k: v.double().cpu().numpy() for k, v in scores.items()}, _resized(maps, crops)
+
+
 SCORERS: dict[str, type[Scorer]] = {
     "glow": GlowScorer, "vqvae": VQVAEScorer, "clip": ClipFlowScorer, "patch": PatchScorer,
     "classifier": ClassifierScorer, "blend": BlendScorer, "cflow": CFlowScorer,
+    "differnet": DifferNetScorer, "svdd": DeepSVDDScorer, "patchsvdd": PatchSVDDScorer,
 }
 
 
