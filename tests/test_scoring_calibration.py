@@ -99,3 +99,38 @@ def test_constant_reals_cannot_be_standardized() -> None:
 def test_the_api_has_no_way_to_see_fakes() -> None:
     # The contract "thresholds are never tuned on fakes" is enforced by the signature itself.
     assert not {"labels", "label", "fake"} & set(inspect.signature(calibrate).parameters)
+
+
+def test_thresholds_are_conformal_and_agree_with_the_p_values() -> None:
+    """Hand-computed: n = 39 reals 1..39 at fpr 0.05 allow K = floor(0.05 * 40) - 1 = 1 real at or above a
+    flagged score, so the threshold is the 2nd largest (38) and 38.5 is flagged (p = 2/40) while 38 is
+    not (p = 3/40). Catches a quantile threshold that flags more than the conformal p-value allows."""
+    from flowood_ray.scoring.calibration import conformal_threshold
+
+    reals = np.arange(1.0, 40.0)
+    cal = calibrate({"s": reals}, "video", min_samples=3)["s"]
+    assert cal.thresholds[0.05] == 38.0 and cal.threshold(0.05) == 38.0
+    np.testing.assert_allclose(cal.p_values(np.array([38.5, 38.0, 100.0])), [2 / 40, 3 / 40, 1 / 40])
+    assert verdict(np.array([38.5, 38.0]), cal, 0.05).tolist() == [True, False]
+    rng = np.random.default_rng(0)
+    for n in (20, 99, 250, 1000):
+        real = rng.normal(size=n)
+        fresh = rng.normal(size=5000)
+        for fpr in (0.01, 0.05):
+            threshold = conformal_threshold(real, fpr)
+            flagged = fresh > (np.inf if threshold is None else threshold)
+            cal = calibrate({"s": real}, "frame")["s"]
+            assert np.array_equal(flagged, cal.p_values(fresh) <= fpr)
+
+
+def test_too_few_reals_flag_nothing_and_say_they_are_unresolved() -> None:
+    """13 reals cannot give any score a p-value of 1% (the smallest is 1/14): no threshold, nothing flagged,
+    resolved False; 100 reals resolve 1%."""
+    cal = calibrate({"s": np.arange(13.0)}, "video", min_samples=3)["s"]
+    assert cal.thresholds[0.01] is None and cal.threshold(0.01) == float("inf")
+    assert not verdict(np.array([1e9]), cal, 0.01).any()
+    assert cal.resolved == {0.01: False, 0.05: False}
+    assert calibrate({"s": np.arange(100.0)}, "video")["s"].resolved == {0.01: True, 0.05: True}
+    reloaded = load_calibrations(dump_calibrations({"s": cal}))["s"]
+    assert reloaded.thresholds[0.01] is None and reloaded.scores == tuple(np.arange(13.0))
+    assert reloaded.resolved == cal.resolved

@@ -19,7 +19,7 @@ def train(
     data: Annotated[Path, typer.Option(help="face-crop shards from `flowood preprocess`")],
     epochs: Annotated[int, typer.Option(help="epochs per training phase")] = 10,
     batch_size: Annotated[int, typer.Option(help="per worker")] = 64,
-    lr: float = 1e-3,
+    lr: Annotated[float | None, typer.Option(help="Adam's learning rate (default: the family's own)")] = None,
     workers: Annotated[int, typer.Option(help="DDP workers")] = 2,
     gpu: Annotated[bool, typer.Option(help="one GPU per worker (NCCL)")] = False,
     seed: int = 0,

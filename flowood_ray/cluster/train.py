@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
     family: str
     epochs: int = Field(10, ge=1, description="epochs per phase (the VQ-VAE family has two phases)")
     batch_size: int = Field(64, ge=1, description="per worker")
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="Adam's learning rate (default: the family's own)")
     grad_clip: float = Field(50.0, gt=0)
     seed: int = 0
     workers: int = Field(2, ge=1)
@@ -186,7 +186,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                     with torch.no_grad():
                         phase.loss(modules, batch, generator)
                     wrapped[phase.trains] = ray.train.torch.prepare_model(modules[phase.trains], move_to_device=False)
-                    optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=tc.lr)
+                    optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=tc.lr or fam.lr)
                     if phase.name in optim_states:
                         optimizer.load_state_dict(optim_states[phase.name])
                 loss, metrics = phase.loss(wrapped, batch, generator)

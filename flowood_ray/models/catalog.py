@@ -63,6 +63,9 @@ class Family:
     # Components that are frozen ImageNet encoders: rebuilt from their packaged weights, never trained
     # and never copied into a registered bundle (which records the weights' name and hash instead).
     frozen: tuple[str, ...] = ()
+    # Adam's learning rate when the user gives none: fine-tuned ImageNet weights and the flows on their
+    # features want their papers' smaller rates; 1e-3 overshot on them.
+    lr: float = 1e-3
 
 
 def _glow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
@@ -271,6 +274,7 @@ FAMILIES: dict[str, Family] = {
         image_size=lambda c: c["classifier"].image_size,  # type: ignore[attr-defined]
         supervised=True,
         needs_mesh=True,
+        lr=0.0003,
     ),
     # Real crops against self-blends of themselves (Shiohara & Yamasaki): no fake is ever seen.
     "blend": Family(
@@ -278,6 +282,7 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("detector", "detector", _blend_loss, "bce"),),
         image_size=lambda c: c["detector"].image_size,  # type: ignore[attr-defined]
         needs_mesh=True,
+        lr=0.0003,
     ),
     # Seed 003: conditional flows with positional encoding on a frozen ImageNet feature pyramid.
     "cflow": Family(
@@ -285,6 +290,7 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("cflow", "cflow", _cflow_loss, "nll"),),
         image_size=lambda c: c["cflow"].image_size,  # type: ignore[attr-defined]
         frozen=("encoder",),
+        lr=0.0002,
     ),
     # Seed 003's DifferNet: a flow on one pooled multi-scale ImageNet feature vector per crop.
     "differnet": Family(
@@ -292,6 +298,7 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("differnet", "differnet", _differnet_loss, "nll"),),
         image_size=lambda c: c["differnet"].image_size,  # type: ignore[attr-defined]
         frozen=("encoder",),
+        lr=0.0002,
     ),
     # Seed 003's Deep SVDD baseline on the same pooled features.
     "svdd": Family(
@@ -299,6 +306,7 @@ FAMILIES: dict[str, Family] = {
         phases=(Phase("svdd", "svdd", _svdd_loss, "distance"),),
         image_size=lambda c: c["svdd"].image_size,  # type: ignore[attr-defined]
         frozen=("encoder",),
+        lr=0.0001,
     ),
     # Seed 003's Patch SVDD score: distance of each feature fibre to its nearest real training fibre.
     "patchsvdd": Family(

@@ -1,8 +1,16 @@
 """Calibration of detector scores on real-only validation data.
 
 A registered model carries one `Calibration` per score name and level (ARCHITECTURE.md, Contracts):
-the statistics of its scores on held-out REAL footage and the thresholds at fixed false-positive
-rates. The API takes real scores only, so a threshold can never be tuned on fakes.
+the statistics of its scores on held-out REAL footage, the sorted scores themselves, and the
+thresholds at fixed false-positive rates. The API takes real scores only, so a threshold can never be
+tuned on fakes.
+
+Thresholds are split-conformal: a score is flagged at rate alpha when its conformal p-value
+(1 + #{real >= s}) / (n + 1) is at most alpha, which holds the false-positive rate at alpha or below
+for any real drawn like the calibration reals. With fewer than 1/alpha - 1 reals no score can reach
+that p-value, and the threshold is None: the model then flags nothing at that rate instead of
+pretending a sample maximum is a 1% threshold. `resolved` says whether at least 1/alpha reals stand
+behind a threshold.
 
 Convention: higher score = more anomalous = more likely fake.
 """
@@ -15,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +46,36 @@ class Calibration(BaseModel):
     mean: float
     std: float = Field(ge=0.0)
     quantiles: dict[float, float]
-    # fpr -> threshold; a sample is flagged when its score is strictly greater than the threshold.
-    thresholds: dict[float, float]
+    # fpr -> threshold; a sample is flagged when its score is strictly greater than the threshold, i.e.
+    # when its conformal p-value is at most fpr. None: too few reals for any score to reach that p-value.
+    thresholds: dict[float, float | None]
+    # The sorted real scores behind the thresholds: conformal p-values need the sample, not its quantiles.
+    scores: tuple[float, ...] = ()
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved(self) -> dict[float, bool]:
+        """fpr -> whether at least 1/fpr real samples stand behind its threshold."""
+        return {fpr: self.n >= math.ceil(1.0 / fpr - 1e-9) for fpr in self.thresholds}
 
     def threshold(self, fpr: float) -> float:
-        """The threshold calibrated for `fpr`; only the rates chosen at calibration time exist."""
+        """The threshold calibrated for `fpr` (+inf when no score can be flagged at that rate); only the
+        rates chosen at calibration time exist."""
         for key, value in self.thresholds.items():
             if math.isclose(key, fpr, rel_tol=1e-9, abs_tol=1e-12):
-                return value
+                return math.inf if value is None else value
         raise ValueError(
             f"no threshold at fpr={fpr} for score {self.score!r} ({self.level}); "
             f"calibrated rates: {sorted(self.thresholds)}"
         )
+
+    def p_values(self, scores: np.ndarray | float) -> np.ndarray:
+        """Conformal p-values of `scores` against the calibration reals (NaN stays NaN)."""
+        from flowood_ray.scoring.conformal import conformal_p_values
+
+        if not self.scores:
+            raise ValueError(f"score {self.score!r} ({self.level}) was calibrated without keeping its real scores")
+        return conformal_p_values(scores, np.asarray(self.scores))
 
 
 _CALIBRATIONS = TypeAdapter(dict[str, Calibration])
@@ -82,9 +108,8 @@ def calibrate(
 ) -> dict[str, Calibration]:
     """Calibrate every named score from REAL-ONLY validation scores.
 
-    The threshold at rate `fpr` is the (1 - fpr) quantile with numpy's "higher" method: an
-    observed score at or above the exact quantile, so at most `fpr` of the validation reals are
-    strictly above it (ties only lower that fraction).
+    The threshold at rate `fpr` is the conformal one (`conformal_threshold`): a fresh real exchangeable
+    with these is flagged with probability at most `fpr`.
     """
     if level not in ("frame", "video"):
         raise ValueError(f"level must be 'frame' or 'video', got {level!r}")
@@ -95,18 +120,12 @@ def calibrate(
         raise ValueError("no scores to calibrate")
     calibrations: dict[str, Calibration] = {}
     for name, values in scores.items():
-        real = _check_real_scores(name, values, min_samples)
+        real = np.sort(_check_real_scores(name, values, min_samples))
         for fpr in fprs:
-            if real.size * fpr < 1.0:
-                # Not an error: the threshold is then the largest real score, which is still
-                # conservative on this sample but noisy on fresh data.
-                logger.warning(
-                    "score %r (%s): %d samples are too few to resolve fpr=%g; the threshold is the sample maximum",
-                    name,
-                    level,
-                    real.size,
-                    fpr,
-                )
+            if real.size < math.ceil(1.0 / fpr - 1e-9):
+                logger.warning("score %r (%s): %d real samples do not resolve fpr=%g (%d needed)%s", name, level,
+                               real.size, fpr, math.ceil(1.0 / fpr - 1e-9),
+                               "; nothing can be flagged at that rate" if conformal_threshold(real, fpr) is None else "")
         calibrations[name] = Calibration(
             score=name,
             level=level,
@@ -114,7 +133,8 @@ def calibrate(
             mean=float(real.mean()),
             std=float(real.std(ddof=1)),
             quantiles={float(q): float(np.quantile(real, q)) for q in quantiles},
-            thresholds={float(f): float(np.quantile(real, 1.0 - f, method="higher")) for f in fprs},
+            thresholds={float(f): conformal_threshold(real, f) for f in fprs},
+            scores=tuple(float(v) for v in real),
         )
         logger.info(
             "calibrated %r (%s) on %d real samples: thresholds %s",
@@ -124,6 +144,15 @@ def calibrate(
             calibrations[name].thresholds,
         )
     return calibrations
+
+
+def conformal_threshold(real: np.ndarray, fpr: float) -> float | None:
+    """The score above which a sample's conformal p-value is at most `fpr`: with K = floor(fpr (n + 1)) - 1,
+    p <= fpr exactly when at most K reals score at or above it, i.e. above the (K + 1)-th largest real.
+    None when K < 0 (fewer than 1/fpr - 1 reals)."""
+    ordered = np.sort(np.asarray(real, dtype=np.float64))
+    allowed = math.floor(fpr * (ordered.size + 1) + 1e-9) - 1
+    return None if allowed < 0 else float(ordered[ordered.size - 1 - allowed])
 
 
 def verdict(score: np.ndarray | float, calibration: Calibration, fpr: float = 0.01) -> np.ndarray:
