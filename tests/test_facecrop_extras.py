@@ -65,3 +65,19 @@ def test_face_mesh_landmarks_land_on_the_crop_eyes(tmp_path: Path) -> None:
         assert np.linalg.norm(mesh[RIGHT_EYE].mean(0) - kps[0]) < 7.0  # 7% of the crop; x/y swapped is 14 px off here
         assert np.linalg.norm(mesh[LEFT_EYE].mean(0) - kps[1]) < 7.0
     assert _crop(tmp_path, CropConfig(size=96), SamplingConfig(num_frames=2)).column("mesh").null_count == 2
+
+
+def test_a_crop_without_a_mesh_reads_back_from_parquet(tmp_path: Path) -> None:
+    """A null mesh beside a real one survives a Parquet round trip (a fixed-size list column did not)."""
+    import pyarrow.parquet as pq
+
+    from flowood_ray.media.facecrop import CROP_SCHEMA
+
+    mesh = np.arange(936, dtype=np.float32)
+    rows = {name: [None, None] for name in CROP_SCHEMA.names}
+    rows.update(video_id=["a", "a"], frame_index=[0, 1], crop=[b"\0" * 12] * 2, mesh=[mesh.tobytes(), None],
+                box=[[0.0] * 4] * 2, keypoints=[[0.0] * 12] * 2)
+    pq.write_table(pa.table(rows, schema=CROP_SCHEMA), tmp_path / "crops.parquet")
+    meshes = meshes_to_array(pq.read_table(tmp_path / "crops.parquet"))
+    np.testing.assert_array_equal(meshes[0], mesh.reshape(468, 2))
+    assert np.isnan(meshes[1]).all()

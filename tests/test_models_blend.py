@@ -48,6 +48,18 @@ def test_layers_below_the_frozen_stride_keep_imagenet_weights_and_statistics() -
         BlendDetector(BlendDetectorConfig(frozen_below_stride=3))
 
 
+def test_every_trainable_parameter_gets_a_gradient() -> None:
+    """DDP refuses trainable parameters that take no part in the loss (the ImageNet head did not)."""
+    for name, configs in (("blend", {"detector": {"image_size": 64}}), ("classifier", {"classifier": {"image_size": 64}})):
+        module = build_modules(name, configs)[family(name).phases[0].trains]
+        output = module(torch.rand(2, 3, 64, 64) - 0.5 if name == "classifier" else torch.randint(
+            0, 255, (2, 64, 64, 3), dtype=torch.uint8))
+        loss = output.logits.sum() + output.recon.sum() if name == "classifier" else output.sum()
+        loss.backward()
+        missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"{name}: {missing[:5]}"
+
+
 def test_a_training_batch_is_the_reals_then_their_blends(faces) -> None:
     """Catches labels out of step with the images and blends that are not made from the same crops."""
     crops, points = faces

@@ -36,8 +36,10 @@ CROP_SCHEMA = pa.schema(
         # size*size uint8 manipulation mask aligned like the crop (0 untouched .. 255 replaced); fakes with
         # a mask video only.
         pa.field("mask", pa.binary()),
-        # Face-mesh landmarks (468 x, y) in crop pixels, when preprocessing runs the mesh (CropConfig.face_mesh).
-        pa.field("mesh", pa.list_(pa.float32(), 2 * MESH_POINTS)),
+        # Face-mesh landmarks (468 x, y) in crop pixels as float32 bytes, when preprocessing runs the mesh
+        # (CropConfig.face_mesh). Bytes, not a fixed-size list: pyarrow cannot read back a null in a
+        # Parquet fixed-size list column ("Expected all lists to be of size=936").
+        pa.field("mesh", pa.binary()),
     ]
 )
 
@@ -83,7 +85,7 @@ def meshes_to_array(table: pa.Table) -> np.ndarray:
     meshes = np.full((table.num_rows, MESH_POINTS, 2), np.nan, np.float32)
     for i, mesh in enumerate(table.column("mesh").to_pylist()):
         if mesh is not None:
-            meshes[i] = np.asarray(mesh, np.float32).reshape(MESH_POINTS, 2)
+            meshes[i] = np.frombuffer(mesh, np.float32).reshape(MESH_POINTS, 2)
     return meshes
 
 
@@ -164,7 +166,7 @@ class VideoCropper:
                 ("video_id", video_id), ("frame_index", index), ("timestamp_s", timestamp),
                 ("crop", crop.tobytes()), ("box", face.box.tolist()), ("keypoints", kps.ravel().tolist()),
                 ("score", face.score), ("detected", face.detected), ("mask", mask),
-                ("mesh", None if mesh is None else mesh.ravel().tolist()),
+                ("mesh", None if mesh is None else mesh.astype(np.float32).tobytes()),
             ):
                 buffer[name].append(value)
             faces += 1

@@ -248,6 +248,10 @@ class EfficientNetLite(nn.Module):
         layers follow the new data at `bn_momentum` (TF's 0.01 would leave their running statistics near
         ImageNet's after the few hundred steps a small face set gives, and scoring reads them)."""
         self.freeze_below(frozen_below_stride)
+        # The ImageNet head and classifier take no part in `features`: DDP refuses trainable parameters
+        # that receive no gradient.
+        self.head.requires_grad_(False)
+        self.classifier.requires_grad_(False)
         frozen = {id(m) for layer in self._frozen_layers for m in layer.modules()}
         for module in self.modules():
             if isinstance(module, nn.BatchNorm2d) and id(module) not in frozen:
