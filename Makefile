@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 DEMO_DIR ?= demo_out
 export PYTHONHASHSEED := 0
 
-.PHONY: setup system-deps test test-fast demo bench clean cluster-up cluster-down
+.PHONY: setup system-deps browser-deps test test-fast test-browser demo bench clean cluster-up cluster-down
 
 setup: $(STAMP)
 
@@ -18,16 +18,28 @@ system-deps:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libgl1 libglib2.0-0 >/dev/null; \
 	fi
 
+# Debian's Chromium for tests/test_report_browser.py, which drives it over a DevTools pipe (no
+# chromedriver needed); about 2 minutes on a machine that lacks it, nothing on one that has it.
+browser-deps:
+	@if ! command -v chromium >/dev/null; then \
+		echo "installing chromium"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	fi
+
 $(STAMP): pyproject.toml | system-deps
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
-test-fast: $(STAMP)
+test-browser: $(STAMP) browser-deps
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_report_browser.py
+
+test-fast: $(STAMP) browser-deps
 	$(PY) -m pytest -q -m "not e2e"
 
 demo: $(STAMP)

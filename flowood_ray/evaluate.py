@@ -1,30 +1,47 @@
-"""`flowood evaluate`: metrics, JSON and an HTML report from a scoring output directory."""
+"""`flowood evaluate`: metrics, JSON and an HTML report from a scoring output directory, offline.
+
+Detection metrics, verdict counts and thresholds come from the scores directory alone: `flowood score`
+records the calibrations it scored with beside the scores. The model registry is read only for the
+models whose family produces pixel maps, and only when crops were saved; when it cannot be read the
+report says so and has no maps.
+
+Pixel maps are the one cost that grows with the model rather than the data (a VQ-VAE restoration map
+takes about 22 s a crop on CPU today), so pixel metrics use a fixed sample: up to
+MAP_CROPS_PER_METHOD crops per method, reals counted as one method, each the middle scored frame of a
+different video. Two per method bound the run at 2 x (methods + 1) maps per map model (10 for the
+demo, whatever the archive's size) and still give every method's AUPRO regions from two videos; the
+faces the report shows are drawn from the same maps, so they cost nothing more. Raise
+`map_crops_per_method` when maps are cheap.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowood_ray.cluster.score import CONFIG_FILE, read_scores
+from flowood_ray.cluster.score import CONFIG_FILE, read_calibrations, read_scores
 from flowood_ray.media.datasets import build_manifest
-from flowood_ray.media.facecrop import crops_to_array
-from flowood_ray.registry import configure, load_registered
+from flowood_ray.media.facecrop import crops_to_array, masks_to_array
 from flowood_ray.scoring.calibration import Calibration
+from flowood_ray.scoring.localization import REAL_METHOD, localization_table
 from flowood_ray.scoring.metrics import evaluate_table
-from flowood_ray.scoring.report import write_metrics_json, write_report
-from flowood_ray.scoring.scorers import VQVAEScorer, build_scorer
+from flowood_ray.scoring.report import FaceMap, ModelLine, RunSummary, write_metrics_json, write_report
+from flowood_ray.scoring.scorers import SCORERS, build_scorer
 
 log = logging.getLogger(__name__)
 
-NON_SCORE_COLUMNS = {"video_id", "frame_index", "timestamp_s", "keypoints", "crop"}
-# Restorations cost one prior pass per code position on CPU: a handful of faces keeps reports quick.
-HEATMAP_FACES = 4
+NON_SCORE_COLUMNS = {"video_id", "frame_index", "timestamp_s", "keypoints", "crop", "mask"}
+MAP_CROPS_PER_METHOD = 2
+# Aligned masks are 0 (untouched) .. 255 (replaced), blended at the seams: a pixel more than half
+# replaced counts as manipulated.
+MASK_MANIPULATED_FROM = 128
+UNLABELLED = "unlabelled"
 
 
 def _labels_from(path: Path) -> pa.Table:
@@ -47,23 +64,114 @@ def score_columns(frames: pa.Table) -> list[str]:
     return [name for name in frames.column_names if name not in NON_SCORE_COLUMNS]
 
 
-def _heatmaps(frames: pa.Table, config: dict[str, Any], crop_size: int, ranking: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Pixel maps of the most anomalous crops, from the run's VQ-VAE when it has one."""
-    if "crop" not in frames.column_names:
-        log.info("no crops saved with the scores (use --save-crops): the report has no heatmaps")
-        return []
-    vq_models = [m for m in config["models"] if "vqvae" in m["name"]]
-    if not vq_models:
-        return []
-    bundle = load_registered(f"models:/{vq_models[0]['name']}/{vq_models[0]['version']}")
-    scorer = build_scorer(bundle)
-    assert isinstance(scorer, VQVAEScorer)
-    order = np.argsort(-np.nan_to_num(frames.column(ranking).to_numpy(), nan=-np.inf))[:HEATMAP_FACES]
-    top = frames.take(pa.array(order))
-    crops = crops_to_array(top, crop_size)
-    maps = scorer.pixel_map(crops)
-    titles = [f"{r['video_id'][:8]} f{r['frame_index']} {ranking}={r[ranking]:.2f}" for r in top.to_pylist()]
-    return list(zip(titles, crops, maps))
+def _group_of(label: int | None, method: str | None) -> str:
+    if label is None:
+        return UNLABELLED
+    return REAL_METHOD if label == 0 else (method or "unknown")
+
+
+def map_sample(frames: pa.Table, per_method: int) -> pa.Table:
+    """The saved crops whose pixel maps are computed: up to `per_method` per method (reals are one
+    method), each the middle scored frame of a different video, videos taken in video_id order (a hash,
+    so no ordering bias); fakes only when they carry a mask, unlabelled crops never."""
+    if per_method < 1:
+        raise ValueError(f"per_method must be >= 1, got {per_method}")
+    frames_of: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    columns = frames.select(["video_id", "frame_index", "label", "method", "mask"]).to_pylist()
+    for row_index, row in enumerate(columns):
+        group = _group_of(row["label"], row["method"])
+        if group == UNLABELLED or (group != REAL_METHOD and row["mask"] is None):
+            continue
+        frames_of.setdefault((group, row["video_id"]), []).append((row["frame_index"], row_index))
+    chosen: list[int] = []
+    taken: dict[str, int] = {}
+    for group, video_id in sorted(frames_of):
+        if taken.get(group, 0) < per_method:
+            ordered = sorted(frames_of[(group, video_id)])
+            chosen.append(ordered[len(ordered) // 2][1])
+            taken[group] = taken.get(group, 0) + 1
+    return frames.take(pa.array(chosen, pa.int64()))
+
+
+def _registry_problem(tracking_uri: str | None) -> str | None:
+    """Why the registry cannot be read, when that is known without touching it: a SQLite store whose
+    file is gone would otherwise be created empty by MLflow."""
+    from flowood_ray.registry import configure
+
+    uri = configure(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return f"no MLflow database at {uri[len('sqlite:///'):]}"
+    return None
+
+
+def _localization(
+    sample: pa.Table, records: list[dict[str, Any]], crop_size: int, tracking_uri: str | None
+) -> tuple[list[dict[str, Any]], list[FaceMap], list[str]]:
+    """Pixel metrics per map model and method, the faces to show, and notes on what could not be done."""
+    from mlflow.exceptions import MlflowException
+
+    from flowood_ray.registry import load_registered
+
+    map_models = [r for r in records if r["family"] in SCORERS and SCORERS[r["family"]].map_name]
+    if not map_models or sample.num_rows == 0:
+        return [], [], []
+    registry_problem = _registry_problem(tracking_uri)
+    crops = crops_to_array(sample, crop_size)
+    masks = masks_to_array(sample, crop_size) >= MASK_MANIPULATED_FROM
+    groups = [_group_of(label, method) for label, method in zip(sample.column("label").to_pylist(),
+                                                                sample.column("method").to_pylist())]
+    rows: list[dict[str, Any]] = []
+    faces: list[FaceMap] = []
+    notes: list[str] = []
+    for record in map_models:
+        model_id = f"{record['name']}/{record['version']}"
+        problem = registry_problem
+        if problem is None:
+            try:
+                bundle = load_registered(f"models:/{model_id}")
+            except (MlflowException, OSError) as exc:
+                problem = f"the registry could not give it ({type(exc).__name__}: {exc})"
+        if problem is not None:
+            notes.append(f"{model_id}: no pixel maps, {problem}")
+            log.warning("%s: no pixel maps, %s", model_id, problem)
+            continue
+        scorer = build_scorer(bundle)
+        started = time.perf_counter()
+        maps = scorer.pixel_map(crops)
+        log.info("%s: %d pixel maps in %.1f s", model_id, len(crops), time.perf_counter() - started)
+        for subset, values in localization_table(masks, maps, groups).items():
+            rows.append({"level": "pixel", "model": model_id, "score": scorer.map_name, "subset": subset, **values})
+        first_of_group: dict[str, int] = {}
+        for i, group in enumerate(groups):
+            first_of_group.setdefault(group, i)
+        for group, i in first_of_group.items():
+            video_id, frame = sample.column("video_id")[i].as_py(), sample.column("frame_index")[i].as_py()
+            faces.append(FaceMap(f"{model_id} {scorer.map_name}", f"{group} {video_id[:8]} f{frame}",
+                                 crops[i], maps[i], masks[i]))
+    return rows, faces, notes
+
+
+def _run_summary(
+    videos: pa.Table, records: list[dict[str, Any]], config: dict[str, Any], notes: list[str]
+) -> RunSummary:
+    models = [
+        ModelLine(
+            r["name"], r["version"], r["family"], r["primary"],
+            {level: int(r["calibration"][level][r["primary"]]["n"]) for level in ("video", "frame")
+             if r["primary"] in r["calibration"].get(level, {})},
+        )
+        for r in records
+    ]
+    verdicts: dict[str, dict[str, int]] = {}
+    for row in videos.select(["label", "method", "verdict"]).to_pylist():
+        counts = verdicts.setdefault(_group_of(row["label"], row["method"]), {})
+        key = row["verdict"] or "unscored"
+        counts[key] = counts.get(key, 0) + 1
+    ordered = dict(sorted(verdicts.items(), key=lambda item: (item[0] != REAL_METHOD, item[0] == UNLABELLED, item[0])))
+    scored = videos.filter(pc.field("frames_scored") > 0)
+    verdict_score = scored.column("verdict_score")[0].as_py() if scored.num_rows else records[0]["primary"]
+    threshold = scored.column("threshold")[0].as_py() if scored.num_rows else None
+    return RunSummary(models, verdict_score, config.get("fpr"), threshold, ordered, notes)
 
 
 def evaluate(
@@ -72,13 +180,19 @@ def evaluate(
     out: Path | None = None,
     n_boot: int = 200,
     tracking_uri: str | None = None,
+    *,
+    map_crops_per_method: int = MAP_CROPS_PER_METHOD,
 ) -> list[dict[str, Any]]:
-    """Write metrics.json and report.html into `out` (default: the scores directory); returns the metric rows."""
+    """Write metrics.json and report.html into `out` (default: the scores directory); returns the metric
+    rows: detection rows (level "video" and "frame", see `evaluate_table`) then pixel rows (level
+    "pixel": model, score = the map's name, subset, pixel_auroc, aupro, images, reason)."""
+    started = time.perf_counter()
     scores_dir = Path(scores_dir)
     out = Path(out or scores_dir)
     out.mkdir(parents=True, exist_ok=True)
     videos, frames = read_scores(scores_dir)
     config = json.loads((scores_dir / CONFIG_FILE).read_text())
+    records = read_calibrations(scores_dir)
     videos = _with_labels(videos, _labels_from(labels) if labels else None)
     names = score_columns(frames)
     frames = frames.drop_columns(["keypoints"]).join(
@@ -86,21 +200,39 @@ def evaluate(
     )
     scored = videos.filter(pc.field("frames_scored") > 0)
     rows = evaluate_table(scored, "video", names, n_boot=n_boot) + evaluate_table(frames, "frame", names, n_boot=n_boot)
-    write_metrics_json(out / "metrics.json", rows)
+    log.info("detection metrics with %d bootstrap resamples in %.1f s", n_boot, time.perf_counter() - started)
 
-    configure(tracking_uri)
-    calibrations: list[Calibration] = []
-    for model in config["models"]:
-        bundle = load_registered(f"models:/{model['name']}/{model['version']}")
-        for level in ("frame", "video"):
-            calibrations += [Calibration(**c) for c in bundle.calibration[level].values()]
-    primary = scored.column("verdict_score")[0].as_py() if scored.num_rows else names[0]
-    heatmaps = _heatmaps(frames, config, int(config["crop"]["size"]), primary)
+    notes: list[str] = []
+    localization_rows: list[dict[str, Any]] = []
+    faces: list[FaceMap] = []
+    if "crop" in frames.column_names:
+        sample = map_sample(frames, map_crops_per_method)
+        localization_rows, faces, notes = _localization(sample, records, int(config["crop"]["size"]), tracking_uri)
+    else:
+        notes.append("no crops saved with the scores (score with --save-crops): no pixel maps")
+    rows += localization_rows
+    write_metrics_json(out / "metrics.json", rows)
+    calibrations = [
+        Calibration(**c)
+        for r in records
+        for level in ("frame", "video")
+        for c in r["calibration"].get(level, {}).values()
+    ]
+    report_started = time.perf_counter()
     write_report(
-        out / "report.html", rows, {"video": scored, "frame": frames}, heatmaps,
+        out / "report.html", [r for r in rows if r["level"] != "pixel"], {"video": scored, "frame": frames}, faces,
         title=f"FlowOOD-Ray report: {scores_dir.name}", score_names=names, calibrations=calibrations,
+        summary=_run_summary(videos, records, config, notes), localization_rows=localization_rows,
+        localization_note=(
+            f"Pixel maps of a sample: up to {map_crops_per_method} crops per method (reals included), each the "
+            "middle scored frame of a different video, fakes only with a mask; a pixel more than half "
+            "manipulated is positive. Each method's fakes are pooled with all sampled reals; AUPRO up to 30% FPR."
+            if localization_rows else ""
+        ),
     )
-    log.info("wrote %s and %s", out / "metrics.json", out / "report.html")
+    log.info("report in %.1f s; evaluation took %.1f s in all; wrote %s and %s",
+             time.perf_counter() - report_started, time.perf_counter() - started, out / "metrics.json",
+             out / "report.html")
     return rows
 
 

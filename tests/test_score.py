@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from conftest import kill_after_commits
-from flowood_ray.cluster.score import read_scores, run_score
+from flowood_ray.cluster.score import read_calibrations, read_scores, run_score
 from flowood_ray.media.datasets import build_manifest
 from flowood_ray.media.sampling import SamplingConfig
+from flowood_ray.media.shards import crop_dataset
+from flowood_ray.registry import configure, load_registered, resolve_version
 
 pytestmark = pytest.mark.e2e
 MODELS = ["models:/flowood-glow@candidate", "models:/flowood-vqvae@candidate"]
@@ -98,11 +101,52 @@ def test_evaluate_writes_metrics_and_a_report(archive: Path, trained_models: dic
     run_score(build_manifest(archive), tmp_path / "s", MODELS, SamplingConfig(num_frames=4), workers=2,
               save_crops=True, tracking_uri=uri)
     rows = evaluate(tmp_path / "s", n_boot=20, tracking_uri=uri)
-    methods = {r["subset"] for r in rows}
+    detection = [r for r in rows if r["level"] != "pixel"]
+    methods = {r["subset"] for r in detection}
     assert {"all", "Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures"} <= methods
-    assert {r["level"] for r in rows} == {"video", "frame"}
-    assert all(np.isfinite(r["auroc"]) for r in rows)
+    assert {r["level"] for r in rows} == {"video", "frame", "pixel"}
+    assert all(np.isfinite(r["auroc"]) for r in detection)
     metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert len(metrics) == len(rows)
     html = (tmp_path / "s" / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 4 and "Deepfakes" in html
+
+
+def test_saved_crops_keep_their_masks_and_the_run_records_its_calibrations(
+    synth_crops: Path, archive: Path, trained_models: dict, tmp_path: Path
+) -> None:
+    # Catches the mask column dropped from saved crops, masks given to the wrong frames, and a run whose
+    # recorded calibrations are not those of the versions it scored with.
+    uri = trained_models["tracking_uri"]
+    manifest = build_manifest(archive)
+    fakes = manifest.filter(pc.equal(manifest.column("label"), 1)).slice(0, 2)
+    reals = manifest.filter(pc.equal(manifest.column("label"), 0)).slice(0, 1)
+    few = pa.concat_tables([fakes, reals])
+    assert fakes.column("mask_path").null_count == 0
+    # The preprocessing of the fixture sampled 8 frames at 32 px, as the models' crop config says.
+    run_score(few, tmp_path / "s", MODELS, SamplingConfig(num_frames=8), local=True, save_crops=True, tracking_uri=uri)
+    _, frames = read_scores(tmp_path / "s")
+    preprocessed = {
+        (r["video_id"], r["frame_index"]): r
+        for r in crop_dataset(synth_crops).to_table(columns=["video_id", "frame_index", "crop", "mask"]).to_pylist()
+    }
+    fake_ids = set(fakes.column("video_id").to_pylist())
+    rows = frames.select(["video_id", "frame_index", "crop", "mask"]).to_pylist()
+    assert {r["video_id"] for r in rows} == set(few.column("video_id").to_pylist())
+    for row in rows:
+        reference = preprocessed[(row["video_id"], row["frame_index"])]
+        assert row["crop"] == reference["crop"]
+        if row["video_id"] in fake_ids:
+            assert row["mask"] is not None and row["mask"] == reference["mask"]
+            assert max(row["mask"]) > 0
+        else:
+            assert row["mask"] is None
+
+    configure(uri)
+    records = read_calibrations(tmp_path / "s")
+    assert [(r["name"], r["family"]) for r in records] == [("flowood-glow", "glow"), ("flowood-vqvae", "vqvae")]
+    for record, uri_scored in zip(records, MODELS):
+        assert record["version"] == resolve_version(uri_scored)[1]
+        bundle = load_registered(f"models:/{record['name']}/{record['version']}")
+        assert record["calibration"] == bundle.calibration
+        assert record["primary"] == bundle.calibration["primary"]

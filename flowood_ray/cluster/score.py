@@ -5,6 +5,8 @@ Output directory:
   videos.parquet/part-<id>.parquet   one row per input video: status, video scores, verdict, threshold,
                                      model versions; its presence commits the shard (see media/shards.py)
   score.json                         models (resolved to versions), sampling and cropping
+  calibrations.json                  per model: name, version, family, primary score and the registered
+                                     calibration it scored with, so `flowood evaluate` needs no registry
 
 On CPU-only clusters each actor decodes, crops, scores and writes its shard: nothing but paths
 and small status rows crosses the object store. When the cluster has GPUs, CPU actors crop and
@@ -30,12 +32,13 @@ from flowood_ray.media.facecrop import CROP_SCHEMA, VIDEO_SCHEMA, VideoCropper, 
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.media.shards import commit_shard, done_video_ids, prepare_output, temp_paths
-from flowood_ray.registry import configure, load_registered, resolve_version
+from flowood_ray.registry import ModelBundle, configure, load_registered, resolve_version
 from flowood_ray.scoring.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
 
 FRAMES_DIR, VIDEOS_DIR, CONFIG_FILE = "frames.parquet", "videos.parquet", "score.json"
+CALIBRATIONS_FILE = "calibrations.json"
 SCORABLE = ("ok", "decode_error")  # a decoder failure mid-way still leaves valid crops to score
 MAX_BLOCKS = 4096
 
@@ -52,7 +55,7 @@ class ScoreConfig(BaseModel):
     crop: CropConfig = CropConfig()
     fpr: float = Field(0.01, description="verdict threshold: a false-positive rate calibrated on real data")
     score_batch: int = Field(64, ge=1)
-    save_crops: bool = Field(False, description="keep the scored crops in frames.parquet (for reports)")
+    save_crops: bool = Field(False, description="keep the scored crops and their masks in frames.parquet (for reports)")
 
     @model_validator(mode="after")
     def _bounded_frames(self) -> "ScoreConfig":
@@ -144,7 +147,7 @@ class ShardScorer:
                   pa.field("timestamp_s", pa.float32()), pa.field("keypoints", pa.list_(pa.float32(), 12))]
         fields += [pa.field(name, pa.float64()) for name in self.score_names]
         if self.config.save_crops:
-            fields.append(pa.field("crop", pa.binary()))
+            fields += [pa.field("crop", pa.binary()), pa.field("mask", pa.binary())]
         return pa.schema(fields)
 
     def _video_schema(self) -> pa.Schema:
@@ -181,8 +184,30 @@ class ShardScorer:
             **{k: pa.array(v, pa.float64()) for k, v in frame_scores.items()},
         }
         if self.config.save_crops:
-            columns["crop"] = crops.column("crop")
+            # The aligned manipulation mask (fakes with a mask video) is the ground truth of pixel metrics.
+            columns.update(crop=crops.column("crop"), mask=crops.column("mask"))
         return row, pa.table(columns, schema=self._frame_schema())
+
+
+def write_calibrations(out: Path, bundles: Sequence[ModelBundle]) -> Path:
+    """The calibrations a run scores with, beside its scores; the versions fix them, so a resumed run
+    rewrites the same file."""
+    records = [
+        {"name": b.name, "version": b.version, "family": b.family, "primary": build_scorer(b).primary,
+         "calibration": b.calibration}
+        for b in bundles
+    ]
+    path = Path(out) / CALIBRATIONS_FILE
+    path.write_text(json.dumps(records, indent=2, sort_keys=True))
+    return path
+
+
+def read_calibrations(out: Path) -> list[dict[str, Any]]:
+    """What `write_calibrations` wrote, in model order."""
+    path = Path(out) / CALIBRATIONS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: these scores predate recorded calibrations; score them again")
+    return json.loads(path.read_text())
 
 
 def read_scores(out: Path) -> tuple[pa.Table, pa.Table]:
@@ -224,6 +249,7 @@ def run_score(
     out = Path(out).resolve()
     # Versions, not aliases, define a run: a moved alias must not mix two models in one output.
     prepare_output(out, config.model_dump(mode="json"), CONFIG_FILE, FRAMES_DIR, VIDEOS_DIR)
+    write_calibrations(out, bundles)
     done = done_video_ids(out, VIDEOS_DIR)
     todo = [row for row in manifest.to_pylist() if row["video_id"] not in done]
     log.info("%d videos in manifest, %d already scored, %d to score with %s", manifest.num_rows, len(done),

@@ -2,7 +2,8 @@
 
 Convention (OpenOOD v1.5, stated because its v1 used the opposite): fake = positive class = label 1,
 and a higher score means more anomalous. The curves come from scikit-learn; FPR@95TPR and EER are
-read off its ROC curve.
+read off its ROC curve. Bootstrap resamples are evaluated many at once, as integer row weights on one
+sort of the scores, with scikit-learn's definitions (tests check the two agree).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ ALL_SUBSET = "all"
 UNKNOWN_METHOD = "unknown"
 TableLike = pa.Table | Mapping[str, ArrayLike]
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
+# Resamples x rows per vectorised bootstrap step: bounds each weight matrix to about 32 MB.
+_BOOTSTRAP_CHUNK_CELLS = 1 << 22
 
 
 def _prepare(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -52,15 +55,17 @@ def _degenerate_reason(labels: np.ndarray) -> str | None:
     return None
 
 
-def _eer(fpr: np.ndarray, tpr: np.ndarray) -> float:
-    """Rate where the false-positive and the false-negative rates meet, interpolated on the ROC curve."""
+def _eer(fpr: np.ndarray, tpr: np.ndarray) -> np.ndarray:
+    """Rate where the false-positive and the false-negative rates meet, interpolated on each ROC curve:
+    one per row of (curves, points) arrays."""
     gap = (1.0 - tpr) - fpr  # decreases from 1 at (0, 0) to -1 at (1, 1)
-    i = int(np.argmax(gap <= 0.0))
-    if gap[i] == 0.0:
-        return float(fpr[i])
-    d_fpr, d_tpr = fpr[i] - fpr[i - 1], tpr[i] - tpr[i - 1]
-    t = (1.0 - tpr[i - 1] - fpr[i - 1]) / (d_fpr + d_tpr)
-    return float(fpr[i - 1] + t * d_fpr)
+    rows = np.arange(gap.shape[0])
+    i = np.argmax(gap <= 0.0, axis=1)
+    f0, t0, f1, t1 = fpr[rows, i - 1], tpr[rows, i - 1], fpr[rows, i], tpr[rows, i]
+    d_fpr, d_tpr = f1 - f0, t1 - t0
+    # gap[i - 1] > 0 >= gap[i], so d_fpr + d_tpr = gap[i - 1] - gap[i] > 0.
+    t = (1.0 - t0 - f0) / (d_fpr + d_tpr)
+    return np.where(gap[rows, i] == 0.0, f1, f0 + t * d_fpr)
 
 
 def _metric_values(y: np.ndarray, s: np.ndarray, names: Sequence[str] = METRIC_NAMES) -> dict[str, float]:
@@ -72,12 +77,57 @@ def _metric_values(y: np.ndarray, s: np.ndarray, names: Sequence[str] = METRIC_N
         values["auroc"] = float(auc(fpr, tpr))
         # tpr never decreases, so this is the first (lowest-FPR) operating point catching 95% of fakes.
         values["fpr_at_95_tpr"] = float(fpr[np.searchsorted(tpr, 0.95, side="left")])
-        values["eer"] = _eer(fpr, tpr)
+        values["eer"] = float(_eer(fpr[None], tpr[None])[0])
     if "aupr_in" in names:
         values["aupr_in"] = float(average_precision_score(1 - y, -s))
     if "aupr_out" in names:
         values["aupr_out"] = float(average_precision_score(y, s))
     return {name: values[name] for name in names}
+
+
+def _weighted_curve_counts(
+    positive: np.ndarray, scores: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed weights of the positives and of the negatives scoring at or above each distinct score,
+    highest score first: two (weight vectors, distinct scores) arrays, scikit-learn's binary
+    classification curve with sample weights, one row per weight vector."""
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    run_ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])
+    ordered = weights[:, order]
+    hits = np.cumsum(ordered * positive[order], axis=1)[:, run_ends]
+    false_alarms = np.cumsum(ordered * (1 - positive[order]), axis=1)[:, run_ends]
+    return hits, false_alarms
+
+
+def _from_origin(rates: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros((rates.shape[0], 1)), rates], axis=1)
+
+
+def _average_precision(hits: np.ndarray, false_alarms: np.ndarray) -> np.ndarray:
+    """Per row, the recall gained at each threshold times the precision there, summed: scikit-learn's
+    (uninterpolated) average_precision_score."""
+    flagged = hits + false_alarms
+    precision = np.divide(hits, flagged, out=np.zeros_like(hits), where=flagged > 0)
+    recall_gain = np.diff(hits, axis=1, prepend=0.0) / hits[:, -1:]
+    return (recall_gain * precision).sum(axis=1)
+
+
+def _weighted_metric_values(y: np.ndarray, s: np.ndarray, weights: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """(weight vectors, names) metrics of the rows weighted by each row of `weights` (both classes
+    weighted in every row). Integer weights give scikit-learn's values on the rows repeated that often:
+    a row of weight 0 only adds an empty step to the curves."""
+    columns: dict[str, np.ndarray] = {}
+    if {"auroc", "fpr_at_95_tpr", "eer", "aupr_out"} & set(names):
+        hits, false_alarms = _weighted_curve_counts(y, s, weights)
+        tpr, fpr = _from_origin(hits / hits[:, -1:]), _from_origin(false_alarms / false_alarms[:, -1:])
+        columns["auroc"] = (np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2.0).sum(axis=1)
+        columns["fpr_at_95_tpr"] = fpr[np.arange(fpr.shape[0]), np.argmax(tpr >= 0.95, axis=1)]
+        columns["eer"] = _eer(fpr, tpr)
+        columns["aupr_out"] = _average_precision(hits, false_alarms)
+    if "aupr_in" in names:
+        columns["aupr_in"] = _average_precision(*_weighted_curve_counts(1 - y, -s, weights))
+    return np.stack([columns[name] for name in names], axis=1)
 
 
 def ood_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, Any]:
@@ -98,32 +148,32 @@ def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.nda
     return fpr, tpr
 
 
-def _bootstrap_samples(
-    labels: np.ndarray, groups: ArrayLike | None, n_boot: int, seed: int
-) -> Iterator[np.ndarray]:
-    """Row indices of stratified bootstrap resamples: each class keeps its size in groups drawn
-    with replacement. Without `groups` every row is its own group."""
+def _bootstrap_counts(labels: np.ndarray, groups: ArrayLike | None, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Stratified bootstrap resamples as (resamples, rows) arrays of how often each row is drawn, a chunk
+    of resamples at a time: each class keeps its number of groups, drawn with replacement, and a drawn
+    group brings all its rows. Without `groups` every row is its own group."""
     group_of = np.arange(labels.size) if groups is None else np.asarray(groups).reshape(-1)
     if group_of.size != labels.size:
         raise ValueError(f"groups and labels differ in length: {group_of.size} vs {labels.size}")
     _, inverse = np.unique(group_of, return_inverse=True)
     inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")
     counts = np.bincount(inverse)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    group_label = labels[order[starts]]
     fakes_per_group = np.bincount(inverse, weights=labels)
     if not np.all((fakes_per_group == 0) | (fakes_per_group == counts)):
         # A resampled group must stay on one side of the stratification.
         raise ValueError("each group must hold rows of a single label (a video is either real or fake)")
-    strata = [np.flatnonzero(group_label == 0), np.flatnonzero(group_label == 1)]
+    n_groups = counts.size
+    strata = [np.flatnonzero(fakes_per_group == 0), np.flatnonzero(fakes_per_group > 0)]
     rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        chosen = np.concatenate([rng.choice(stratum, size=stratum.size, replace=True) for stratum in strata])
-        sizes = counts[chosen]
-        # Row positions of the chosen groups, concatenated without a Python loop over groups.
-        first_row = np.repeat(starts[chosen] - (np.cumsum(sizes) - sizes), sizes)
-        yield order[first_row + np.arange(sizes.sum())]
+    per_chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // labels.size)
+    for start in range(0, n_boot, per_chunk):
+        size = min(per_chunk, n_boot - start)
+        # Group g of resample r counts at flat position r * n_groups + g.
+        offsets = (np.arange(size) * n_groups)[:, None]
+        flat = np.concatenate([(stratum[rng.integers(0, stratum.size, (size, stratum.size))] + offsets).ravel()
+                               for stratum in strata if stratum.size])
+        drawn = np.bincount(flat, minlength=size * n_groups).reshape(size, n_groups).astype(np.float64)
+        yield drawn[:, inverse]
 
 
 def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
@@ -162,8 +212,9 @@ def bootstrap_cis(
     y, s = _prepare(labels, scores)
     if _degenerate_reason(y):
         return {name: (float("nan"), float("nan")) for name in metrics}
-    boot = np.array(
-        [list(_metric_values(y[i], s[i], metrics).values()) for i in _bootstrap_samples(y, groups, n_boot, seed)]
+    # A resample's draw counts are integer row weights: scikit-learn's metrics on the repeated rows.
+    boot = np.concatenate(
+        [_weighted_metric_values(y, s, drawn, metrics) for drawn in _bootstrap_counts(y, groups, n_boot, seed)]
     )
     return {name: _percentile_interval(boot[:, j], alpha) for j, name in enumerate(metrics)}
 
@@ -185,7 +236,12 @@ def bootstrap_ci(
     y, s = _prepare(labels, scores)
     if _degenerate_reason(y):
         return float("nan"), float("nan")
-    boot = np.array([metric(y[i], s[i]) for i in _bootstrap_samples(y, groups, n_boot, seed)], dtype=np.float64)
+    values = []
+    for drawn in _bootstrap_counts(y, groups, n_boot, seed):
+        for row_counts in drawn.astype(np.int64):
+            rows = np.repeat(np.arange(y.size), row_counts)
+            values.append(metric(y[rows], s[rows]))
+    boot = np.array(values, dtype=np.float64)
     return _percentile_interval(boot, alpha)
 
 

@@ -1,19 +1,21 @@
-"""A single self-contained HTML report: score histograms, ROC curves, the metric table and heatmaps.
+"""A single self-contained HTML report, readable at a glance.
 
-Figures are PNGs inlined as base64, so the file can be mailed or attached to an MLflow run and
-still open anywhere. Figures are drawn on `matplotlib.figure.Figure` objects (Agg) rather than
-pyplot, which keeps no global figure state between reports.
+Order: a one-screen summary (video-level AUROC of every score against every manipulation method as a
+coloured grid, the best score per method, verdict counts at the calibrated threshold, the models and
+versions behind them), then the score figures, then pixel-level localization with a few maps beside
+their ground-truth masks, and last the full metric tables, collapsed. Figures are PNGs inlined as
+base64 (scoring/figures.py), so the file can be mailed or attached to an MLflow run and still open
+anywhere; nothing is fetched from elsewhere.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,46 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from flowood_ray.scoring.calibration import Calibration
-from flowood_ray.scoring.metrics import (
-    ALL_SUBSET,
-    METRIC_NAMES,
-    TableLike,
-    method_subsets,
-    roc_points,
-    table_column_names,
-    table_columns,
-)
+from flowood_ray.scoring.figures import face_figure, png_data_uri, score_figure
+from flowood_ray.scoring.metrics import ALL_SUBSET, METRIC_NAMES, TableLike, table_column_names, table_columns
 
 logger = logging.getLogger(__name__)
 
-HeatmapItem = tuple[str, np.ndarray, np.ndarray]
+@dataclass(frozen=True)
+class FaceMap:
+    """One face of the localization section: a crop, one model's pixel map of it and, for a fake with a
+    mask, the ground truth. Faces of one `group` (a model's map) share a colour scale."""
+
+    group: str
+    title: str
+    crop: np.ndarray  # uint8 (H, W, 3)
+    heatmap: np.ndarray  # float (h, w), stretched over the crop
+    mask: np.ndarray | None = None  # bool (H, W): manipulated pixels
+
+
+@dataclass(frozen=True)
+class ModelLine:
+    """A model of the run; `threshold_samples`: level -> real validation samples behind its primary's thresholds."""
+
+    name: str
+    version: str
+    family: str
+    primary: str
+    threshold_samples: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What the summary states besides the AUROC grid. verdicts: group ("real" or a method) ->
+    {"fake", "real", "unscored"} -> number of videos."""
+
+    models: Sequence[ModelLine]
+    verdict_score: str
+    fpr: float | None
+    threshold: float | None
+    verdicts: Mapping[str, Mapping[str, int]]
+    notes: Sequence[str] = ()
+
 
 _METRIC_TITLES = {
     "auroc": "AUROC",
@@ -44,14 +73,22 @@ _METRIC_TITLES = {
 }
 _LEVEL_ORDER = ("video", "frame")
 _CSS = """
-body { font-family: sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 2em; font-size: 0.9em; }
-th, td { border: 1px solid #bbb; padding: 0.3em 0.6em; text-align: right; }
-th { background: #eee; } td.text { text-align: left; }
+body { font-family: sans-serif; margin: 1.2em 2em; color: #222; }
+h1 { font-size: 1.4em; margin: 0 0 0.4em; } h2 { margin-top: 1.5em; }
+table { border-collapse: collapse; margin-bottom: 1em; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.5em; text-align: right; }
+th { background: #eee; } td.text, th.text { text-align: left; }
 img { max-width: 100%; }
+#summary { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+#summary h2 { margin: 0 0 0.3em; font-size: 1.05em; }
+#auroc-grid td { min-width: 3.2em; }
+#auroc-grid td.best { font-weight: bold; outline: 2px solid #222; outline-offset: -2px; }
+#auroc-grid tr.best-row td { font-size: 0.75em; text-align: center; background: #f6f6f6; word-break: break-all; }
+.panel { max-width: 34em; } #summary .note { max-width: 34em; }
 .faces { display: flex; flex-wrap: wrap; gap: 1em; }
-.faces figure { margin: 0; width: 300px; } figcaption { font-size: 0.8em; word-break: break-all; }
-.note { color: #555; font-size: 0.9em; }
+.faces figure { margin: 0; width: 390px; } figcaption { font-size: 0.8em; word-break: break-all; }
+.note { color: #555; font-size: 0.9em; margin: 0.2em 0; }
+details > summary { cursor: pointer; font-weight: bold; margin: 1em 0; }
 """
 
 
@@ -67,84 +104,91 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _plain_legend(ax: Any) -> None:
-    # Method names are data: no mathtext parsing of "$", and no underscore prefix hiding an entry.
-    handles, labels = ax.get_legend_handles_labels()
-    legend = ax.legend(handles, labels, fontsize=8, loc="best")
-    for text in legend.get_texts():
-        text.set_parse_math(False)
-
-
-def _series_label(name: str) -> str:
-    return f" {name}" if name.startswith("_") else name
-
-
-def _png_data_uri(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _img(fig: Figure, alt: str) -> str:
-    return f'<img src="{_png_data_uri(fig)}" alt="{_esc(alt)}">'
+    return f'<img src="{png_data_uri(fig)}" alt="{_esc(alt)}">'
 
 
-def _score_figure(
-    score: str,
-    level: str,
-    labels: np.ndarray,
-    methods: np.ndarray,
-    values: np.ndarray,
-    thresholds: Mapping[float, float],
-) -> Figure:
-    """Overlaid histograms of real vs each manipulation method (as in seed 000) beside their ROC curves."""
-    fig = Figure(figsize=(12, 4.2))
-    hist_ax, roc_ax = fig.subplots(1, 2)
-    finite = values[np.isfinite(values)]
-    # Percentile range so that one overflowing score does not squash every histogram into one bin;
-    # outliers are clipped into the edge bins and stay visible there.
-    low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-    if high <= low:
-        low, high = low - 0.5, high + 0.5
-    bins = np.linspace(low, high, 50)
-    subsets = method_subsets(labels, methods)
-    real = labels == 0
-    if real.any():
-        hist_ax.hist(np.clip(values[real], low, high), bins=bins, density=True, color="0.6", alpha=0.6, label="real")
-    for subset, mask in subsets[1:]:
-        fake = mask & (labels == 1)
-        clipped = np.clip(values[fake], low, high)
-        hist_ax.hist(clipped, bins=bins, density=True, histtype="step", lw=1.6, label=_series_label(subset))
-    for i, (fpr, threshold) in enumerate(sorted(thresholds.items())):
-        hist_ax.axvline(threshold, color="k", ls="--", lw=1)
-        # Staggered, because the 1% and 5% thresholds are often close together.
-        hist_ax.text(
-            threshold,
-            0.98 - 0.06 * i,
-            f" {fpr:g} FPR",
-            transform=hist_ax.get_xaxis_transform(),
-            va="top",
-            fontsize=8,
-            parse_math=False,
+def auroc_colour(value: float) -> str:
+    """Cell colour of an AUROC: white at chance (0.5), deepening to green at 1 and to red at 0 (a score
+    that ranks the wrong way round); grey when unknown."""
+    if _is_missing(value):
+        return "#dddddd"
+    strength = min(abs(value - 0.5) * 2.0, 1.0)
+    target = (26, 152, 80) if value >= 0.5 else (215, 48, 39)
+    r, g, b = (round(255 + strength * (c - 255)) for c in target)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _auroc_grid(video_rows: Sequence[Mapping[str, Any]]) -> str:
+    scores = list(dict.fromkeys(str(r["score"]) for r in video_rows))
+    subsets = list(dict.fromkeys(str(r["subset"]) for r in video_rows))
+    subsets.sort(key=lambda s: s != ALL_SUBSET)  # "all" first, methods in their given order
+    value = {(str(r["score"]), str(r["subset"])): r.get("auroc") for r in video_rows}
+    best: dict[str, str] = {}
+    for subset in subsets:
+        known = [(value[(s, subset)], s) for s in scores if not _is_missing(value.get((s, subset)))]
+        if known:
+            best[subset] = max(known)[1]
+    header = '<th class="text">score</th>' + "".join(f"<th>{_esc(s)}</th>" for s in subsets)
+    body = []
+    for score in scores:
+        cells = [f'<td class="text">{_esc(score)}</td>']
+        for subset in subsets:
+            auroc = value.get((score, subset))
+            shown = "–" if _is_missing(auroc) else f"{auroc:.3f}"
+            mark = ' class="best"' if best.get(subset) == score else ""
+            data = "" if _is_missing(auroc) else f' data-auroc="{auroc:.6f}"'
+            cells.append(f'<td{mark}{data} style="background:{auroc_colour(auroc)}">{shown}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    best_cells = "".join(f"<td>{_esc(best.get(s, '–'))}</td>" for s in subsets)
+    body.append(f'<tr class="best-row"><td class="text">best score</td>{best_cells}</tr>')
+    return (
+        '<div><h2>Video-level AUROC</h2><table id="auroc-grid"><thead><tr>'
+        f'{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        '<p class="note">Fake is the positive class; each method is its fakes against all reals. '
+        "Green above chance, red below, bold: the best score of the column.</p></div>"
+    )
+
+
+def _verdict_table(summary: RunSummary) -> str:
+    rows = []
+    for group, counts in summary.verdicts.items():
+        scored = counts.get("fake", 0) + counts.get("real", 0)
+        share = f" ({counts.get('fake', 0) / scored:.0%})" if scored else ""
+        rows.append(
+            f'<tr><td class="text">{_esc(group)}</td><td>{scored + counts.get("unscored", 0)}</td>'
+            f'<td>{counts.get("fake", 0)}{share}</td><td>{counts.get("real", 0)}</td>'
+            f'<td>{counts.get("unscored", 0)}</td></tr>'
         )
-    hist_ax.set_title(f"{score} ({level} level)", parse_math=False)
-    hist_ax.set_xlabel("score (higher = more anomalous)")
-    hist_ax.set_ylabel("density")
-    _plain_legend(hist_ax)
+    at = "" if summary.fpr is None else f" at {summary.fpr:g} FPR"
+    threshold = "" if summary.threshold is None else f" &gt; {summary.threshold:.4g}"
+    return (
+        f"<h2>Verdicts{_esc(at)}</h2>"
+        f'<p class="note">fake when {_esc(summary.verdict_score)}{threshold} (threshold calibrated on real '
+        "validation videos)</p>"
+        '<table id="verdicts"><thead><tr><th class="text">videos</th><th>n</th><th>flagged fake</th>'
+        f'<th>passed real</th><th>unscored</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
-    for subset, mask in subsets:
-        fpr_curve, tpr_curve = roc_points(labels[mask], values[mask])
-        if fpr_curve.size:
-            style = {"color": "k", "ls": "--"} if subset == ALL_SUBSET else {}
-            roc_ax.plot(fpr_curve, tpr_curve, lw=1.5, label=_series_label(subset), **style)
-    roc_ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
-    roc_ax.set_xlim(0, 1)
-    roc_ax.set_ylim(0, 1.01)
-    roc_ax.set_xlabel("false-positive rate (reals flagged)")
-    roc_ax.set_ylabel("true-positive rate (fakes caught)")
-    roc_ax.set_title(f"ROC per method: {score} ({level} level)", parse_math=False)
-    _plain_legend(roc_ax)
-    return fig
+
+def _models_list(models: Sequence[ModelLine]) -> str:
+    items = []
+    for model in models:
+        samples = ", ".join(f"{n} real {level}s" for level, n in model.threshold_samples.items())
+        behind = f"; thresholds from {samples}" if samples else ""
+        items.append(
+            f"<li><b>{_esc(model.name)}</b> v{_esc(model.version)} ({_esc(model.family)}), "
+            f"primary {_esc(model.primary)}{_esc(behind)}</li>"
+        )
+    return f'<h2>Models</h2><ul id="models">{"".join(items)}</ul>'
+
+
+def _summary_section(video_rows: Sequence[Mapping[str, Any]], summary: RunSummary | None) -> str:
+    parts = [_auroc_grid(video_rows) if video_rows else '<p class="note">No video-level metrics.</p>']
+    if summary is not None:
+        notes = "".join(f'<p class="note">{_esc(n)}</p>' for n in summary.notes)
+        parts.append(f'<div class="panel">{_verdict_table(summary)}{_models_list(summary.models)}{notes}</div>')
+    return f'<section id="summary">{"".join(parts)}</section>'
 
 
 def _cell(row: Mapping[str, Any], metric: str) -> str:
@@ -185,80 +229,64 @@ def _metric_tables(metrics_rows: Sequence[Mapping[str, Any]]) -> str:
             f'<table data-level="{_esc(level)}"><thead><tr>{header}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>'
         )
-    return "\n".join(parts)
+    title = f"<summary>All metrics ({len(metrics_rows)} rows)</summary>"
+    return f'<details id="metric-tables">{title}{"".join(parts)}</details>'
 
 
-def _face_figure(crop: np.ndarray, heatmap: np.ndarray, vmin: float, vmax: float) -> Figure:
-    fig = Figure(figsize=(4, 2))
-    crop_ax, overlay_ax = fig.subplots(1, 2)
-    height, width = crop.shape[:2]
-    for ax in (crop_ax, overlay_ax):
-        ax.imshow(crop)
-        ax.set_axis_off()
-    # The extent stretches a lower-resolution map over the whole crop.
-    overlay_ax.imshow(
-        heatmap,
-        cmap="jet",
-        alpha=0.45,
-        vmin=vmin,
-        vmax=vmax,
-        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-        interpolation="bilinear",
-    )
-    fig.subplots_adjust(0, 0, 1, 1, 0.02, 0)
-    return fig
+def _localization_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    titles = ("model", "map", "subset", "images", "pixel AUROC", "AUPRO", "note")
+    text_columns = {"model", "map", "subset", "note"}
+    header = "".join(f'<th class="text">{t}</th>' if t in text_columns else f"<th>{t}</th>" for t in titles)
+    body = []
+    for row in rows:
+        values = [row.get("pixel_auroc"), row.get("aupro")]
+        shown = ["–" if _is_missing(v) else f"{v:.3f}" for v in values]
+        body.append(
+            f'<tr><td class="text">{_esc(row.get("model", ""))}</td><td class="text">{_esc(row.get("score", ""))}</td>'
+            f'<td class="text">{_esc(row.get("subset", ""))}</td><td>{_esc(row.get("images", ""))}</td>'
+            f'<td>{shown[0]}</td><td>{shown[1]}</td><td class="text">{_esc(row.get("reason") or "")}</td></tr>'
+        )
+    return f'<table id="localization"><thead><tr>{header}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _faces_section(heatmaps: Sequence[HeatmapItem], max_faces: int) -> str:
-    items = list(heatmaps)[:max_faces]
-    for title, crop, heatmap in items:
-        if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
-            raise ValueError(f"face {title!r}: crop must be uint8 HxWx3, got {crop.dtype} {crop.shape}")
-        if heatmap.ndim != 2:
-            raise ValueError(f"face {title!r}: heatmap must be HxW, got shape {heatmap.shape}")
-    pooled = np.concatenate([np.asarray(h, dtype=np.float64).ravel() for _, _, h in items])
-    pooled = pooled[np.isfinite(pooled)]
-    # One colour scale for all faces, so that a hotter map means a higher pixel score, not just a
-    # different normalisation.
-    vmin, vmax = np.percentile(pooled, [1, 99]) if pooled.size else (0.0, 1.0)
-    if vmax <= vmin:
-        vmax = vmin + 1e-6
-    figures = []
-    for title, crop, heatmap in items:
-        img = _img(_face_figure(crop, np.asarray(heatmap, dtype=np.float64), vmin, vmax), f"face {title}")
-        figures.append(f"<figure>{img}<figcaption>{_esc(title)}</figcaption></figure>")
-    return (
-        '<p class="note">Crop and pixel heatmap; colour scale shared by all faces: '
-        f"{vmin:.3g} (blue) to {vmax:.3g} (red).</p>"
-        f'<div class="faces">{"".join(figures)}</div>'
-    )
+def _check_face(face: FaceMap) -> None:
+    crop, heatmap, mask = face.crop, face.heatmap, face.mask
+    if crop.dtype != np.uint8 or crop.ndim != 3 or crop.shape[2] != 3:
+        raise ValueError(f"face {face.title!r}: crop must be uint8 HxWx3, got {crop.dtype} {crop.shape}")
+    if heatmap.ndim != 2:
+        raise ValueError(f"face {face.title!r}: heatmap must be HxW, got shape {heatmap.shape}")
+    if mask is not None and (mask.dtype != np.bool_ or mask.shape != crop.shape[:2]):
+        raise ValueError(f"face {face.title!r}: mask must be bool of the crop's HxW, got {mask.dtype} {mask.shape}")
 
 
-def write_report(
-    out_html: Path,
-    metrics_rows: Sequence[Mapping[str, Any]],
-    score_tables: Mapping[str, TableLike],
-    heatmaps: Sequence[HeatmapItem] | None = None,
-    title: str = "FlowOOD-Ray report",
-    *,
-    score_names: Sequence[str] | None = None,
-    calibrations: Sequence[Calibration] = (),
-    max_faces: int = 24,
-) -> Path:
-    """Write the HTML report and return its path.
+def _faces_section(faces: Sequence[FaceMap]) -> str:
+    parts = []
+    for group in dict.fromkeys(face.group for face in faces):
+        members = [face for face in faces if face.group == group]
+        pooled = np.concatenate([np.asarray(f.heatmap, dtype=np.float64).ravel() for f in members])
+        pooled = pooled[np.isfinite(pooled)]
+        # One colour scale per map, so that a hotter map means a higher pixel score, not just a different
+        # normalisation; maps of different models have different units and get their own.
+        vmin, vmax = np.percentile(pooled, [1, 99]) if pooled.size else (0.0, 1.0)
+        if vmax <= vmin:
+            vmax = vmin + 1e-6
+        figures = []
+        for face in members:
+            heatmap = np.asarray(face.heatmap, dtype=np.float64)
+            img = _img(face_figure(face.crop, heatmap, face.mask, vmin, vmax), f"face {face.title}")
+            figures.append(f"<figure>{img}<figcaption>{_esc(face.title)}</figcaption></figure>")
+        parts.append(
+            f"<h3>{_esc(group)}</h3><p class=\"note\">Crop, pixel map (colour scale {vmin:.3g} blue to {vmax:.3g} "
+            "red, shared by this map's faces) and, for fakes, the ground-truth mask in red.</p>"
+            f'<div class="faces">{"".join(figures)}</div>'
+        )
+    return "".join(parts)
 
-    metrics_rows: rows from `evaluate_table` (any levels). score_tables: level ("video", "frame")
-    -> table with `label`, `method` and score columns. heatmaps: (title, uint8 HxWx3 crop, float
-    HxW map) of the most anomalous faces, in the order to show them. score_names default to the
-    scores named in `metrics_rows`. Calibration thresholds of matching score and level are marked
-    on the histograms.
-    """
-    if max_faces < 1:
-        raise ValueError(f"max_faces must be >= 1, got {max_faces}")
-    names = list(score_names) if score_names is not None else list(dict.fromkeys(str(r["score"]) for r in metrics_rows))
-    sections = [f"<h1>{_esc(title)}</h1>"]
-    sections.append("<h2>Metrics</h2>")
-    sections.append(_metric_tables(metrics_rows) if metrics_rows else '<p class="note">No metrics.</p>')
+
+def _score_figures(
+    score_tables: Mapping[str, TableLike], names: Sequence[str], calibrations: Sequence[Calibration]
+) -> list[str]:
+    sections = []
     for level in sorted(score_tables, key=_level_key):
         table = score_tables[level]
         available = table_column_names(table)
@@ -279,11 +307,51 @@ def write_report(
                 continue
             thresholds = next((c.thresholds for c in calibrations if c.score == score and c.level == level), {})
             methods = columns["method"][known][scored]
-            fig = _score_figure(score, level, labels[scored], methods, values[scored], thresholds)
+            fig = score_figure(score, level, labels[scored], methods, values[scored], thresholds)
             sections.append(f"<h3>{_esc(score)}</h3>{_img(fig, f'{score} {level} histogram and ROC')}")
-    if heatmaps:
-        sections.append("<h2>Most anomalous faces</h2>")
-        sections.append(_faces_section(heatmaps, max_faces))
+    return sections
+
+
+def write_report(
+    out_html: Path,
+    metrics_rows: Sequence[Mapping[str, Any]],
+    score_tables: Mapping[str, TableLike],
+    faces: Sequence[FaceMap] = (),
+    title: str = "FlowOOD-Ray report",
+    *,
+    score_names: Sequence[str] | None = None,
+    calibrations: Sequence[Calibration] = (),
+    summary: RunSummary | None = None,
+    localization_rows: Sequence[Mapping[str, Any]] = (),
+    localization_note: str = "",
+    max_faces: int = 24,
+) -> Path:
+    """Write the HTML report and return its path.
+
+    metrics_rows: rows from `evaluate_table` (any levels); the summary grid shows the video-level ones.
+    score_tables: level ("video", "frame") -> table with `label`, `method` and score columns.
+    faces: pixel maps to show, in order (at most `max_faces`). score_names default to the scores named
+    in `metrics_rows`. Calibration thresholds of matching score and level are marked on the
+    histograms. localization_rows: {"model", "score" (the map), "subset", "images", "pixel_auroc",
+    "aupro", "reason"}, with `localization_note` saying how the maps were sampled.
+    """
+    if max_faces < 1:
+        raise ValueError(f"max_faces must be >= 1, got {max_faces}")
+    shown = list(faces)[:max_faces]
+    for face in shown:
+        _check_face(face)
+    names = list(score_names) if score_names is not None else list(dict.fromkeys(str(r["score"]) for r in metrics_rows))
+    video_rows = [r for r in metrics_rows if r.get("level") == "video"]
+    sections = [f"<h1>{_esc(title)}</h1>", _summary_section(video_rows, summary)]
+    sections += _score_figures(score_tables, names, calibrations)
+    if localization_rows or shown or localization_note:
+        sections.append('<h2 id="localization-heading">Localization (pixel level)</h2>')
+        if localization_note:
+            sections.append(f'<p class="note">{_esc(localization_note)}</p>')
+        if localization_rows:
+            sections.append(_localization_table(localization_rows))
+        sections.append(_faces_section(shown))
+    sections.append(_metric_tables(metrics_rows) if metrics_rows else '<p class="note">No metrics.</p>')
     document = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>\n"
