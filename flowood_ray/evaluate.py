@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flowood_ray.cluster.score import CONFIG_FILE, read_calibrations, read_scores
+from flowood_ray.cluster.score import CONFIG_FILE, SUMMARY_FILE, read_calibrations, read_scores
 from flowood_ray.media.datasets import build_manifest
 from flowood_ray.media.facecrop import crops_to_array, masks_to_array
 from flowood_ray.scoring.calibration import Calibration
@@ -151,6 +151,18 @@ def _localization(
     return rows, faces, notes
 
 
+def _drift_notes(scores_dir: Path) -> list[str]:
+    """The scoring run's conformal verdict rule and its drift warnings (summary.json), in plain words."""
+    path = Path(scores_dir) / SUMMARY_FILE
+    if not path.exists():
+        return []
+    summary = json.loads(path.read_text())
+    notes = [f"Verdicts are conformal: a video is flagged when its p-value against the calibration reals is at "
+             f"most {summary['fpr']:g} (column p_value in videos.parquet, calibration_n reals behind it)."]
+    return notes + [f"drift, {model}: {check['warning']}" for model, check in summary["drift"].items()
+                    if check.get("warning")]
+
+
 def _run_summary(
     videos: pa.Table, records: list[dict[str, Any]], config: dict[str, Any], notes: list[str]
 ) -> RunSummary:
@@ -222,7 +234,8 @@ def evaluate(
     write_report(
         out / "report.html", [r for r in rows if r["level"] != "pixel"], {"video": scored, "frame": frames}, faces,
         title=f"FlowOOD-Ray report: {scores_dir.name}", score_names=names, calibrations=calibrations,
-        summary=_run_summary(videos, records, config, notes), localization_rows=localization_rows,
+        summary=_run_summary(videos, records, config, notes + _drift_notes(scores_dir)),
+        localization_rows=localization_rows,
         localization_note=(
             f"Pixel maps of a sample: up to {map_crops_per_method} crops per method (reals included), each the "
             "middle scored frame of a different video, fakes only with a mask; a pixel more than half "

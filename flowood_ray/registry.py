@@ -12,6 +12,7 @@ works too, while our own loaders rebuild the modules from their configs.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import subprocess
@@ -131,8 +132,8 @@ def load_bundle(directory: Path, device: str | torch.device = "cpu") -> ModelBun
     )
 
 
-def register_bundle(bundle: ModelBundle, run_id: str, name: str | None = None) -> str:
-    """Log the bundle under `run_id`, register it as a new version and point `candidate` at it."""
+def register_bundle(bundle: ModelBundle, run_id: str, name: str | None = None, alias: str = CANDIDATE) -> str:
+    """Log the bundle under `run_id`, register it as a new version and point `alias` at it."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -149,9 +150,26 @@ def register_bundle(bundle: ModelBundle, run_id: str, name: str | None = None) -
                 pip_requirements=[f"flowood-ray=={__version__}", f"torch=={torch.__version__.split('+')[0]}"],
             )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(name, CANDIDATE, version)
-    log.info("registered %s version %s (alias %s)", name, version, CANDIDATE)
+    for key, value in calibration_tags(bundle.calibration).items():
+        MlflowClient().set_model_version_tag(name, version, key, value)
+    MlflowClient().set_registered_model_alias(name, alias, version)
+    log.info("registered %s version %s (alias %s)", name, version, alias)
     return version
+
+
+def calibration_tags(calibration: dict[str, Any]) -> dict[str, str]:
+    """What `models list` shows of a version's calibration without downloading it: per level, the primary
+    score's sample count and its thresholds with their resolved flags."""
+    primary = calibration.get("primary")
+    tags = {"flowood.primary": str(primary)}
+    for level in ("frame", "video"):
+        cal = calibration.get(level, {}).get(primary)
+        if cal:
+            n = int(cal["n"])
+            summary = {fpr: {"threshold": t, "resolved": n >= math.ceil(1.0 / float(fpr) - 1e-9)}
+                       for fpr, t in cal["thresholds"].items()}
+            tags[f"flowood.{level}"] = json.dumps({"n": n, "thresholds": summary}, sort_keys=True)
+    return tags
 
 
 def parse_model_uri(uri: str) -> tuple[str, str]:
@@ -202,7 +220,9 @@ def list_models() -> list[dict[str, Any]]:
             rows.append({
                 "name": model.name, "version": str(mv.version), "run_id": mv.run_id,
                 "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
-                "created": mv.creation_timestamp,
+                "created": mv.creation_timestamp, "primary": mv.tags.get("flowood.primary"),
+                **{level: json.loads(mv.tags[f"flowood.{level}"]) for level in ("frame", "video")
+                   if f"flowood.{level}" in mv.tags},
             })
     return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
 

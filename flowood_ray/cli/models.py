@@ -21,7 +21,16 @@ def models_list(tracking_uri: TrackingOption = None) -> None:
     if not rows:
         typer.echo("no registered flowood models")
     for row in rows:
-        typer.echo(f"{row['name']:<20} v{row['version']:<4} {','.join(row['aliases']) or '-':<22} run {row['run_id']}")
+        line = f"{row['name']:<20} v{row['version']:<4} {','.join(row['aliases']) or '-':<22} run {row['run_id']}"
+        for level in ("video", "frame"):
+            if level in row:
+                rates = ", ".join(
+                    f"{float(fpr):g}: " + ("none" if t["threshold"] is None else f"{t['threshold']:.4g}")
+                    + ("" if t["resolved"] else " (unresolved)")
+                    for fpr, t in sorted(row[level]["thresholds"].items())
+                )
+                line += f"\n    {row['primary']} {level}: n={row[level]['n']}, thresholds {rates}"
+        typer.echo(line)
 
 
 @models_app.command("promote")

@@ -53,7 +53,12 @@ def score(
     except (ValidationError, ValueError, MlflowException) as exc:
         fail(str(exc))
     _print_score_summary(videos)
-    typer.echo(f"scores in {out}/frames.parquet and {out}/videos.parquet")
+    from flowood_ray.cluster.score import SUMMARY_FILE
+
+    for model_id, check in json.loads((out / SUMMARY_FILE).read_text())["drift"].items():
+        if check.get("warning"):
+            typer.secho(f"warning: {model_id}: {check['warning']}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"scores in {out}/frames.parquet and {out}/videos.parquet; summary and drift check in {out / SUMMARY_FILE}")
 
 
 def _print_score_summary(videos: "pa.Table") -> None:

@@ -52,3 +52,30 @@ def train(
     except (ValidationError, ValueError, json.JSONDecodeError) as exc:
         fail(str(exc))
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "calibration"}, indent=2))
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    reals: Annotated[Path, typer.Option(help="known-real videos of your archive's domain (folder, CSV or manifest)")],
+    alias: Annotated[str, typer.Option(help="alias of the recalibrated version, e.g. archive-2026")],
+    work: Annotated[Path, typer.Option(help="where the reference scores are kept")] = Path("calibrate_out"),
+    frames: Annotated[int, typer.Option(help="frames per video (uniform sampling)")] = 32,
+    local: Annotated[bool, typer.Option(help="score in this process, without Ray")] = False,
+    workers: Annotated[int | None, typer.Option(help="scoring actors (default: all cluster CPUs)")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Recalibrate a registered model on known-real videos and register the result under a new alias."""
+    from mlflow.exceptions import MlflowException
+
+    from flowood_ray.cli.data import load_manifest
+    from flowood_ray.cluster.recalibrate import recalibrate
+    from flowood_ray.media.sampling import SamplingConfig
+
+    table = load_manifest(reals, "auto")
+    try:
+        summary = recalibrate(model, table, work, alias, sampling=SamplingConfig(num_frames=frames),
+                              tracking_uri=tracking_uri, local=local, workers=workers)
+    except (ValueError, MlflowException) as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(summary, indent=2, default=str))

@@ -2,9 +2,12 @@
 
 Output directory:
   frames.parquet/part-<id>.parquet   one row per scored face crop, a column per score
-  videos.parquet/part-<id>.parquet   one row per input video: status, video scores, verdict, threshold,
-                                     model versions; its presence commits the shard (see media/shards.py)
+  videos.parquet/part-<id>.parquet   one row per input video: status, video scores, each primary score's
+                                     conformal p-value, verdict (fake / real / unscored), threshold, model
+                                     versions; its presence commits the shard (see media/shards.py)
   score.json                         models (resolved to versions), sampling and cropping
+  summary.json                       verdict counts and, per model, the drift check of the archive's scores
+                                     against its calibration reals (`scoring/conformal.py`)
   calibrations.json                  per model: name, version, family, primary score and the registered
                                      calibration it scored with, so `flowood evaluate` needs no registry
 
@@ -25,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, model_validator
 
@@ -33,12 +37,14 @@ from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.media.shards import commit_shard, done_video_ids, prepare_output, temp_paths
 from flowood_ray.registry import ModelBundle, configure, load_registered, resolve_version
+from flowood_ray.scoring.calibration import Calibration
+from flowood_ray.scoring.conformal import drift_check, min_calibration_size
 from flowood_ray.scoring.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
 
 FRAMES_DIR, VIDEOS_DIR, CONFIG_FILE = "frames.parquet", "videos.parquet", "score.json"
-CALIBRATIONS_FILE = "calibrations.json"
+CALIBRATIONS_FILE, SUMMARY_FILE = "calibrations.json", "summary.json"
 SCORABLE = ("ok", "decode_error")  # a decoder failure mid-way still leaves valid crops to score
 MAX_BLOCKS = 4096
 
@@ -105,6 +111,8 @@ class ShardScorer:
                 self.scorers.append(build_scorer(bundle, device))
             probe = np.zeros((1, 8, 8, 3), np.uint8)
             self.score_names = [name for scorer in self.scorers for name in scorer.score(probe)]
+            # Each primary score also gets its conformal p-value against that model's real calibration.
+            self.score_names += [p_value_name(scorer) for scorer in self.scorers]
             if len(set(self.score_names)) != len(self.score_names):
                 raise ValueError(f"two models produce the same score names {self.score_names}; score them apart")
 
@@ -154,7 +162,8 @@ class ShardScorer:
         fields = list(VIDEO_SCHEMA) + [pa.field("frames_scored", pa.int32())]
         fields += [pa.field(name, pa.float64()) for name in self.score_names]
         fields += [pa.field("verdict", pa.string()), pa.field("verdict_score", pa.string()),
-                   pa.field("threshold", pa.float64()), pa.field("models", pa.string())]
+                   pa.field("threshold", pa.float64()), pa.field("p_value", pa.float64()),
+                   pa.field("calibration_n", pa.int32()), pa.field("models", pa.string())]
         return pa.schema(fields)
 
     def _score_video(self, video: Mapping[str, Any], crops: pa.Table) -> tuple[dict[str, Any], pa.Table | None]:
@@ -172,12 +181,19 @@ class ShardScorer:
             ids = np.full(len(images), video["video_id"])
             _, video_scores = scorer.aggregate(ids, batch_scores)
             row.update({k: float(v[0]) for k, v in video_scores.items()})
-        calibration = primary.bundle.calibration["video"][primary.primary]
-        threshold = calibration["thresholds"][str(self.config.fpr)]
-        row.update(
-            frames_scored=len(images), threshold=threshold,
-            verdict="fake" if row[primary.primary] > threshold else "real",
-        )
+            frame_scores[p_value_name(scorer)] = p_values(scorer, "frame", batch_scores[scorer.primary])
+            row[p_value_name(scorer)] = float(p_values(scorer, "video", np.array([row[scorer.primary]]))[0])
+        calibration = Calibration.model_validate(primary.bundle.calibration["video"][primary.primary])
+        threshold = calibration.threshold(self.config.fpr)
+        p_value = row[p_value_name(primary)]
+        if not np.isfinite(row[primary.primary]):
+            verdict = "unscored"  # a NaN or infinite score says nothing about the face; never call it real
+        elif np.isfinite(p_value):
+            verdict = "fake" if p_value <= self.config.fpr else "real"
+        else:  # calibrated before p-values: the threshold alone
+            verdict = "fake" if row[primary.primary] > threshold else "real"
+        row.update(frames_scored=len(images), threshold=threshold if np.isfinite(threshold) else None,
+                   p_value=p_value if np.isfinite(p_value) else None, calibration_n=calibration.n, verdict=verdict)
         columns: dict[str, Any] = {
             "video_id": crops.column("video_id"), "frame_index": crops.column("frame_index"),
             "timestamp_s": crops.column("timestamp_s"), "keypoints": crops.column("keypoints"),
@@ -187,6 +203,44 @@ class ShardScorer:
             # The aligned manipulation mask (fakes with a mask video) is the ground truth of pixel metrics.
             columns.update(crop=crops.column("crop"), mask=crops.column("mask"))
         return row, pa.table(columns, schema=self._frame_schema())
+
+
+def p_value_name(scorer: Scorer) -> str:
+    return f"{scorer.primary}_p"
+
+
+def p_values(scorer: Scorer, level: str, scores: np.ndarray) -> np.ndarray:
+    """Conformal p-values of `scores` against the model's real calibration at `level`; NaN for models
+    calibrated before calibrations kept their real scores."""
+    calibration = Calibration.model_validate(scorer.bundle.calibration[level][scorer.primary])
+    if not calibration.scores:
+        return np.full(len(scores), np.nan)
+    return calibration.p_values(np.asarray(scores, dtype=np.float64))
+
+
+def drift_summary(videos: pa.Table, bundles: Sequence[ModelBundle], fpr: float) -> dict[str, Any]:
+    """Per model, its primary video scores in this archive against its calibration reals: how far the
+    flagged share is from `fpr` and whether the real-looking part of the archive looks like the reals
+    the thresholds came from (a different camera, codec or population breaks the stated rate)."""
+    checks: dict[str, Any] = {}
+    for bundle in bundles:
+        primary = build_scorer(bundle).primary
+        calibration = Calibration.model_validate(bundle.calibration["video"][primary])
+        name = f"{bundle.name}/{bundle.version}"
+        scored = videos.filter(pc.field("frames_scored") > 0)
+        if not calibration.scores or primary not in scored.column_names or scored.num_rows == 0:
+            checks[name] = {"warning": None, "skipped": "no calibration scores or no scored videos"}
+            continue
+        if calibration.n < min_calibration_size(fpr):
+            checks[name] = {"warning": f"{calibration.n} calibration reals cannot resolve fpr={fpr:g} (at least "
+                            f"{min_calibration_size(fpr)} needed): nothing is flagged at that rate and drift is "
+                            "not checked; recalibrate with `flowood calibrate` on more known-real videos",
+                            "skipped": "calibration too small"}
+            continue
+        check = drift_check(scored.column(primary).to_numpy(zero_copy_only=False).astype(np.float64),
+                            np.asarray(calibration.scores), alpha=fpr, what="videos")
+        checks[name] = check.model_dump(mode="json")
+    return checks
 
 
 def write_calibrations(out: Path, bundles: Sequence[ModelBundle]) -> Path:
@@ -259,6 +313,13 @@ def run_score(
     elif todo:
         _score_on_ray(todo, out, config, uri, workers, videos_per_shard, split_stages, address)
     videos, _ = read_scores(out)
+    verdicts = videos.column("verdict").to_pylist()
+    summary = {"videos": videos.num_rows, "verdicts": {v or "none": verdicts.count(v) for v in set(verdicts)},
+               "fpr": fpr, "drift": drift_summary(videos, bundles, fpr)}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    for model, check in summary["drift"].items():
+        if check.get("warning"):
+            log.warning("%s: %s", model, check["warning"])
     return videos
 
 

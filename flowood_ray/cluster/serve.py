@@ -58,7 +58,6 @@ from flowood_ray.cluster.serve_schemas import (ERROR_RESPONSES, ApiError, FaceSc
 from flowood_ray.cluster.serve_settings import TOKEN_ENV, ServeSettings
 from flowood_ray.media.faces import Face
 from flowood_ray.registry import configure
-from flowood_ray.scoring.calibration import verdict
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +171,8 @@ class ScoringService(MultiplexedModels):
             except Exception as exc:  # noqa: BLE001 - see _pin
                 raise registry_error(model.uri, exc) from None
             thresholds = {
-                level: {name: {str(f): float(t) for f, t in cal["thresholds"].items()} for name, cal in cals.items()}
+                level: {name: {str(f): (None if t is None else float(t)) for f, t in cal["thresholds"].items()}
+                        for name, cal in cals.items()}
                 for level, cals in model.calibration.items() if level in ("frame", "video")
             }
             entries.append(ModelEntry(
@@ -200,13 +200,12 @@ class ScoringService(MultiplexedModels):
         if heatmap:
             maps = await self._heatmaps(model, crops, list(range(min(len(crops), self.settings.max_heatmaps))))
         fpr = self.settings.fpr
-        flags = verdict(primary, model.frame, fpr)
+        verdicts = model.verdict_fields("frame", primary, fpr)
         height, width = rgb.shape[:2]
         return ImageResult(model=model.info(fpr), width=width, height=height, faces=[
             FaceScore(
                 box=_box(face, width, height), detection_confidence=face.score, scores=_finite_scores(scores, i),
-                score=float(primary[i]), threshold=model.frame.threshold(fpr), verdict="fake" if flags[i] else "real",
-                heatmap=maps[i],
+                score=float(primary[i]), heatmap=maps[i], **verdicts[i],
             )
             for i, face in enumerate(faces)
         ])
@@ -231,21 +230,19 @@ class ScoringService(MultiplexedModels):
             top = np.argsort(-primary, kind="stable")[: self.settings.max_heatmaps]
             maps = await self._heatmaps(model, crops, sorted(top.tolist()))
         fpr = self.settings.fpr
-        flags = verdict(primary, model.frame, fpr)
+        verdicts = model.verdict_fields("frame", primary, fpr)
         return VideoResult(
             model=model.info(fpr), width=info.width, height=info.height, fps=info.fps, duration_s=info.duration_s,
             frame_count=info.frame_count,
             video=VideoScore(
-                scores=_finite_scores(clip, 0), score=clip_score, threshold=model.video.threshold(fpr),
-                verdict="fake" if verdict(clip_score, model.video, fpr) else "real", aggregation=model.aggregation,
-                frames_scored=len(rows),
+                scores=_finite_scores(clip, 0), score=clip_score, aggregation=model.aggregation,
+                frames_scored=len(rows), **model.verdict_fields("video", np.array([clip_score]), fpr)[0],
             ),
             frames=[
                 FrameScore(
                     frame_index=index, timestamp_s=timestamp, tracked=not face.detected,
                     box=_box(face, info.width, info.height), detection_confidence=face.score,
-                    scores=_finite_scores(scores, i), score=float(primary[i]), threshold=model.frame.threshold(fpr),
-                    verdict="fake" if flags[i] else "real", heatmap=maps[i],
+                    scores=_finite_scores(scores, i), score=float(primary[i]), heatmap=maps[i], **verdicts[i],
                 )
                 for i, (index, timestamp, face) in enumerate(rows)
             ],

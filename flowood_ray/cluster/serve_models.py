@@ -20,7 +20,7 @@ from flowood_ray.cluster.serve_schemas import ApiError, ModelInfo
 from flowood_ray.cluster.serve_settings import MAX_MODELS_PER_REPLICA, ServeSettings
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.registry import load_registered, parse_model_uri, resolve_version
-from flowood_ray.scoring.calibration import Calibration
+from flowood_ray.scoring.calibration import Calibration, verdict
 from flowood_ray.scoring.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,29 @@ class ServedModel:
     def info(self, fpr: float) -> ModelInfo:
         return ModelInfo(
             name=self.name, version=self.version, family=self.family, score=self.score_name, fpr=fpr,
-            frame_threshold=self.frame.threshold(fpr), video_threshold=self.video.threshold(fpr),
+            frame_threshold=finite_or_none(self.frame.threshold(fpr)),
+            video_threshold=finite_or_none(self.video.threshold(fpr)),
+            frame_calibration_n=self.frame.n, video_calibration_n=self.video.n,
+            frame_resolved=self.frame.resolved[_rate(self.frame, fpr)],
+            video_resolved=self.video.resolved[_rate(self.video, fpr)],
         )
+
+    def verdict_fields(self, level: str, scores: np.ndarray, fpr: float) -> list[dict[str, Any]]:
+        """threshold, p_value and verdict of each primary score at `level` ("frame" or "video")."""
+        calibration = self.frame if level == "frame" else self.video
+        flags = verdict(scores, calibration, fpr)
+        p_values = calibration.p_values(scores) if calibration.scores else np.full(len(scores), np.nan)
+        threshold = finite_or_none(calibration.threshold(fpr))
+        return [{"threshold": threshold, "p_value": finite_or_none(p), "verdict": "fake" if flag else "real"}
+                for flag, p in zip(flags, p_values)]
+
+
+def finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _rate(calibration: Calibration, fpr: float) -> float:
+    return next(key for key in calibration.thresholds if np.isclose(key, fpr))
 
 
 def load_served_model(uri: str, settings: ServeSettings) -> ServedModel:

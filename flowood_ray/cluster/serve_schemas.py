@@ -38,8 +38,12 @@ class ModelInfo(BaseModel):
     family: str
     score: str = Field(description="the primary score that decides the verdict")
     fpr: float = Field(description="false-positive rate on real validation data at which thresholds were set")
-    frame_threshold: float
-    video_threshold: float
+    frame_threshold: float | None = Field(description="None when the calibration holds too few reals for any score to be flagged at this rate")
+    video_threshold: float | None = Field(description="None when the calibration holds too few reals for any score to be flagged at this rate")
+    frame_calibration_n: int = Field(description="real frames behind the frame threshold")
+    video_calibration_n: int = Field(description="real videos behind the video threshold")
+    frame_resolved: bool = Field(description="at least 1/fpr real frames stand behind the frame threshold")
+    video_resolved: bool = Field(description="at least 1/fpr real videos stand behind the video threshold")
 
 
 class Heatmap(BaseModel):
@@ -57,7 +61,9 @@ class FaceScore(BaseModel):
     detection_confidence: float
     scores: dict[str, float | None] = Field(description="every score of the model; higher = more anomalous")
     score: float = Field(description="the primary score")
-    threshold: float
+    threshold: float | None = Field(description="flagged above it; None when the calibration holds too few reals for any score to be flagged at this rate")
+    p_value: float | None = Field(description="conformal p-value against the calibration reals (None for models "
+                                  "calibrated before p-values); fake when at most fpr")
     verdict: Literal["real", "fake"]
     heatmap: Heatmap | None = None
 
@@ -78,7 +84,9 @@ class FrameScore(FaceScore):
 class VideoScore(BaseModel):
     scores: dict[str, float | None] = Field(description="every score, aggregated over the frames")
     score: float = Field(description="the primary score")
-    threshold: float
+    threshold: float | None = Field(description="flagged above it; None when the calibration holds too few reals for any score to be flagged at this rate")
+    p_value: float | None = Field(description="conformal p-value against the calibration reals (None for models "
+                                  "calibrated before p-values); fake when at most fpr")
     verdict: Literal["real", "fake"]
     aggregation: str
     frames_scored: int
@@ -103,7 +111,8 @@ class ModelEntry(ModelInfo):
     crop_size: int
     crop_margin: float
     video_aggregation: str
-    thresholds: dict[str, dict[str, dict[str, float]]] = Field(description="level -> score -> fpr -> threshold")
+    thresholds: dict[str, dict[str, dict[str, float | None]]] = Field(
+        description="level -> score -> fpr -> threshold (None: too few calibration reals for that rate)")
 
 
 class ModelList(BaseModel):
