@@ -47,7 +47,10 @@ def test_two_worker_ddp_training_registers_a_calibrated_version(
     assert len(values) == 2 and best[-1].value == min(values)
     assert summary["calibration"]["frame"] and summary["calibration"]["video"]
     for cal in summary["calibration"]["frame"].values():
-        assert cal["thresholds"]["0.01"] >= cal["thresholds"]["0.05"]
+        strict, loose = cal["thresholds"]["0.01"], cal["thresholds"]["0.05"]
+        # Conformal: a rate needs at least 1/fpr - 1 reals, else its threshold is None (nothing flagged).
+        assert (strict is None) == (cal["n"] < 99) and (loose is None) == (cal["n"] < 19)
+        assert strict is None or strict >= loose
 
     promote(f"flowood-{family_name}", summary["version"], alias="test-champion")
     bundle = load_registered(f"models:/flowood-{family_name}@test-champion")
@@ -64,15 +67,11 @@ def test_two_worker_ddp_training_registers_a_calibrated_version(
 
 
 def test_ray_job_submit_to_a_local_head_trains_and_registers(synth_crops: Path, tmp_path: Path) -> None:
-    import ray
-
-    # `flowood cluster down` stops every Ray process here, so release this process's own Ray first.
-    ray.shutdown()
     state = tmp_path / "cluster"
     flowood = str(Path(sys.executable).with_name("flowood"))
     dashboard, tracking = free_port(), free_port()
     subprocess.run(
-        [flowood, "cluster", "up", "--state-dir", str(state), "--num-cpus", "2",
+        [flowood, "cluster", "up", "--state-dir", str(state), "--num-cpus", "2", "--ray-port", str(free_port()), "--agent-port", str(free_port()),
          "--dashboard-port", str(dashboard), "--mlflow-port", str(tracking)],
         check=True, timeout=300, capture_output=True,
     )

@@ -18,6 +18,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,6 @@ class TrainConfig(BaseModel):
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(2048, ge=0)
     input: ModelInput = ModelInput()
     fake_methods: list[str] | None = Field(
         None, description="supervised families: the manipulation methods whose train-split fakes they learn "
@@ -85,19 +85,17 @@ def crop_datasets(
     if needs_mesh and "mesh" not in pq.read_schema(files[0]).names:
         raise ValueError(f"{crops_dir} holds no face meshes: preprocess it with --face-mesh for this family")
     if clip_frames is None:
-        base = ray.data.read_parquet(files).select_columns(["video_id", "crop"] + (["mesh"] if needs_mesh else []))
+        base = ray.data.read_parquet(files).select_columns(
+            ["video_id", "frame_index", "crop"] + (["mesh"] if needs_mesh else []))
         select, batching = _select_images, {}
     else:
         # A shard file holds whole videos, so one file per batch sees every crop of its videos.
         base = ray.data.from_items([{"path": f} for f in files])
         select, batching = _select_clips, {"batch_size": 1}
         kwargs["clip_frames"] = clip_frames
-    # Materialised before training starts: the DDP workers then hold every CPU of a small
-    # cluster, and a lazy read would wait forever for one.
+    # Lazy: `fit` reads them (load_split) before the DDP workers take the cluster's CPUs.
     return {
-        split: base.map_batches(
-            select, fn_kwargs={"ids": chosen, **kwargs}, batch_format="pyarrow", **batching
-        ).materialize()
+        split: base.map_batches(select, fn_kwargs={"ids": chosen, **kwargs}, batch_format="pyarrow", **batching)
         for split, chosen in ids.items()
     }
 
@@ -109,8 +107,10 @@ def _select_images(
     if "mesh" in rows.column_names:
         rows = rows.filter(pc.is_valid(rows.column("mesh")))
     images = crops_to_array(rows, crop_size) if rows.num_rows else np.zeros((0, crop_size, crop_size, 3), np.uint8)
-    labels = np.array([ids[v] for v in rows.column("video_id").to_pylist()], np.uint8)
-    selected = {"image": model_input(images, image_size, config), "label": labels}
+    video_ids = rows.column("video_id").to_pylist()
+    labels = np.array([ids[v] for v in video_ids], np.uint8)
+    keys = np.array([f"{v}/{f:09d}" for v, f in zip(video_ids, rows.column("frame_index").to_pylist())], dtype=object)
+    selected = {"image": model_input(images, image_size, config), "label": labels, "key": keys}
     if "mesh" in rows.column_names:
         selected["mesh"] = model_input_points(meshes_to_array(rows), crop_size, image_size, config)
     return selected
@@ -121,6 +121,7 @@ def _select_clips(
 ) -> dict[str, np.ndarray]:
     clips = [np.zeros((0, clip_frames, image_size, image_size, 3), np.uint8)]
     labels = [np.zeros(0, np.uint8)]
+    keys = [np.zeros(0, dtype=object)]
     for path in batch.column("path").to_pylist():
         table = pq.read_table(path, columns=["video_id", "frame_index", "crop"],
                               filters=pc.field("video_id").isin(list(ids)))
@@ -128,9 +129,37 @@ def _select_clips(
         images = model_input(crops_to_array(table, crop_size), image_size, config) if table.num_rows else None
         video_ids = np.asarray(table.column("video_id").to_pylist())
         for vid in np.unique(video_ids):
-            clips.append(cut_clips(images[video_ids == vid], clip_frames)[0])
-            labels.append(np.full(len(clips[-1]), ids[vid], np.uint8))
-    return {"image": np.concatenate(clips), "label": np.concatenate(labels)}
+            cut, starts = cut_clips(images[video_ids == vid], clip_frames)
+            clips.append(cut)
+            labels.append(np.full(len(cut), ids[vid], np.uint8))
+            keys.append(np.array([f"{vid}/{start:09d}" for start in starts], dtype=object))
+    return {"image": np.concatenate(clips), "label": np.concatenate(labels), "key": np.concatenate(keys)}
+
+
+def load_split(dataset: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """A whole split as arrays in a fixed order (by video id and frame), whatever order Ray delivers its
+    blocks in: the data order must not depend on scheduling, or the same seed trains other weights."""
+    parts = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        raise ValueError("a training split arrived empty")
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(data.pop("key"), kind="stable")
+    return {k: v[order] for k, v in data.items()}
+
+
+def epoch_batches(
+    data: dict[str, np.ndarray], rank: int, world: int, seed: int, epoch: int, batch_size: int, device: Any,
+    dtypes: dict[str, torch.dtype],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's batches of one epoch: a permutation of the split drawn from (seed, epoch), dealt out
+    by rank, every worker with the same number of samples (DDP needs the same number of steps)."""
+    n = len(data["label"])
+    if n < world:
+        raise ValueError(f"{n} training samples cannot feed {world} workers")
+    order = np.random.default_rng([seed, epoch]).permutation(n)[rank::world][: n // world]
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        yield {k: torch.as_tensor(v[chosen], dtype=dtypes[k]).to(device) for k, v in data.items() if k in dtypes}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -145,6 +174,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed)
     device = ray.train.torch.get_device()
     modules = {k: m.to(device) for k, m in build_modules(tc.family, config["models"]).items()}
+    # What each module leaves trainable (fine-tuned encoders freeze their early layers and ImageNet head):
+    # a phase trains exactly those parameters of its component.
+    trainable = {k: {id(p) for p in m.parameters() if p.requires_grad} for k, m in modules.items()}
     done_epochs, optim_states = 0, {}
     # phase name -> {"metric", "epoch", "state"}: the component's weights at its lowest validation metric.
     best: dict[str, dict[str, Any]] = {}
@@ -157,14 +189,15 @@ def _train_loop(config: dict[str, Any]) -> None:
         done_epochs, optim_states, best = state["epoch"], state["optimizers"], state.get("best", {})
         log.info("rank %d resumed after epoch %d", rank, done_epochs)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
-    generator = torch.Generator(device="cpu").manual_seed(tc.seed * 1000 + rank)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    world = ctx.get_world_size()
+    train_data = ray.get(config["data"]["train"])
+    val_data = {k: v[rank::world].copy() for k, v in ray.get(config["data"]["val"]).items()}
 
     epoch = 0
     for phase in fam.phases:
-        for module in modules.values():
-            module.requires_grad_(False)
-        modules[phase.trains].requires_grad_(True)
+        for name, module in modules.items():
+            for param in module.parameters():
+                param.requires_grad_(name == phase.trains and id(param) in trainable[name])
         wrapped: dict[str, torch.nn.Module] = dict(modules)
         optimizer: torch.optim.Optimizer | None = None
         for phase_epoch in range(1, tc.epochs + 1):
@@ -175,18 +208,21 @@ def _train_loop(config: dict[str, Any]) -> None:
             train_sums: dict[str, float] = {}
             batches = samples = 0
             epoch_start = time.perf_counter()
-            for batch in train_shard.iter_torch_batches(
-                batch_size=tc.batch_size, local_shuffle_buffer_size=tc.shuffle_buffer or None,
-                local_shuffle_seed=tc.seed + epoch, device=device, dtypes=_dtypes(fam), drop_last=False,
-            ):
+            # Every random draw of an epoch follows (seed, rank, epoch): a run resumed at this epoch draws
+            # what the uninterrupted run drew (dropout reads torch's global generator).
+            torch.manual_seed(_epoch_seed(tc.seed, rank, epoch, 0))
+            generator = torch.Generator(device="cpu").manual_seed(_epoch_seed(tc.seed, rank, epoch, 1))
+            for batch in epoch_batches(train_data, rank, world, tc.seed, epoch, tc.batch_size, device, _dtypes(fam)):
                 images = batch["image"]
                 if optimizer is None:
                     # Data-dependent init (ActNorm) happens on this first forward, before DDP wraps the
                     # module, so DDP's broadcast of rank 0's state makes every replica start identical.
+                    # Its own generator: a resumed run makes this call in another epoch.
                     with torch.no_grad():
-                        phase.loss(modules, batch, generator)
+                        phase.loss(modules, batch, torch.Generator(device="cpu").manual_seed(tc.seed))
                     wrapped[phase.trains] = ray.train.torch.prepare_model(modules[phase.trains], move_to_device=False)
-                    optimizer = torch.optim.Adam(modules[phase.trains].parameters(), lr=tc.lr or fam.lr)
+                    optimizer = torch.optim.Adam([p for p in modules[phase.trains].parameters() if p.requires_grad],
+                                                 lr=tc.lr or fam.lr)
                     if phase.name in optim_states:
                         optimizer.load_state_dict(optim_states[phase.name])
                 loss, metrics = phase.loss(wrapped, batch, generator)
@@ -199,7 +235,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 batches += 1
                 samples += len(images)
             throughput = samples * ctx.get_world_size() / (time.perf_counter() - epoch_start)
-            val = _validate(phase, modules, val_shard, tc, device)
+            val = _validate(phase, modules, val_data, tc, device)
             if dist.is_available() and dist.is_initialized():
                 # NCCL reduces only tensors on the GPU; gloo takes CPU tensors.
                 totals = torch.tensor([val[0], val[1], float(batches)], dtype=torch.float64, device=device)
@@ -234,14 +270,21 @@ def _keep_best(best: dict[str, dict[str, Any]], phase: str, metric: float, epoch
                        "state": {k: v.detach().clone() for k, v in module.state_dict().items()}}
 
 
+def _epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch, stream]).generate_state(1)[0])
+
+
 @torch.no_grad()
-def _validate(phase, modules, shard, tc: TrainConfig, device) -> tuple[float, float]:
-    """(sum of the per-sample validation metric, count) on this worker's shard, with fixed noise."""
+def _validate(phase, modules, data: dict[str, np.ndarray], tc: TrainConfig, device) -> tuple[float, float]:
+    """(sum of the per-sample validation metric, count) on this worker's part, with fixed noise."""
     for module in modules.values():
         module.eval()
     generator = torch.Generator(device="cpu").manual_seed(12345)
+    dtypes = _dtypes(family(tc.family))
     total, count = 0.0, 0.0
-    for batch in shard.iter_torch_batches(batch_size=tc.batch_size, device=device, dtypes=_dtypes(family(tc.family))):
+    for start in range(0, len(data["label"]), tc.batch_size):
+        batch = {k: torch.as_tensor(v[start : start + tc.batch_size], dtype=dtypes[k]).to(device)
+                 for k, v in data.items() if k in dtypes}
         _, metrics = phase.loss(modules, batch, generator)
         total += metrics[phase.metric] * len(batch["image"])
         count += len(batch["image"])
@@ -290,11 +333,14 @@ def fit(
     clip_frames = fam.clip_frames(parsed) if fam.clip_frames else None
     datasets = crop_datasets(Path(crops_dir), fam.image_size(parsed), train.input, clip_frames,
                              supervised=fam.supervised, fake_methods=train.fake_methods, needs_mesh=fam.needs_mesh)
+    # Ray Data prepares the splits across the cluster; the workers then share one ordered copy of each
+    # through the object store (zero-copy on a node) instead of each re-reading the dataset.
+    splits = {name: ray.put(load_split(dataset)) for name, dataset in datasets.items()}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
             "train": train.model_dump(), "models": {k: v.model_dump() for k, v in parsed.items()},
-            "tracking_uri": tracking_uri, "run_id": run_id,
+            "tracking_uri": tracking_uri, "run_id": run_id, "data": splits,
         },
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu),
         run_config=RunConfig(
@@ -302,7 +348,6 @@ def fit(
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
     )
     result = trainer.fit()
     if result.checkpoint is None:

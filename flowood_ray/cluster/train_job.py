@@ -16,6 +16,7 @@ import torch
 
 from flowood_ray.cluster.train import TrainConfig, fit, system_info
 from flowood_ray.media.facecrop import model_input
+from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.media.shards import CONFIG_FILE, read_crop_images, read_videos, real_split_ids
 from flowood_ray.models.baselines import DiagonalGaussian
 from flowood_ray.models.catalog import family, parse_configs
@@ -95,18 +96,20 @@ def train_and_register(
     address: str | None = None,
 ) -> dict[str, Any]:
     import mlflow
+    from mlflow.entities import Param
 
     uri = configure(tracking_uri)
     parsed = parse_configs(train.family, model_configs)
     configs = {k: v.model_dump(mode="json") for k, v in parsed.items()}
     run_id = _find_or_create_run(f"flowood-{train.family}", run_name)
     client = mlflow.MlflowClient()
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_params({f"train.{k}": v for k, v in train.model_dump().items()})
-        mlflow.log_params({f"system.{k}": v for k, v in system_info().items()})
-        mlflow.log_dict(configs, "model_configs.json")
-        mlflow.log_param("code_version", code_version())
-        mlflow.log_param("crops_dir", str(Path(crops_dir).resolve()))
+    # Through the client, not `mlflow.start_run`: leaving that context would mark the run FINISHED, and a
+    # killed attempt's run would no longer be found (and resumed into) by the rerun.
+    params = {f"train.{k}": v for k, v in train.model_dump().items()}
+    params |= {f"system.{k}": v for k, v in system_info().items()}
+    params |= {"code_version": code_version(), "crops_dir": str(Path(crops_dir).resolve())}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_dict(run_id, configs, "model_configs.json")
     modules, _ = fit(crops_dir, train, configs, run_name, storage_path, uri, run_id, address)
 
     videos = read_videos(crops_dir)
@@ -115,11 +118,16 @@ def train_and_register(
     train_images, _ = read_crop_images(crops_dir, real_split_ids(videos, "train"))
     reference = train_images[np.linspace(0, len(train_images) - 1, min(REFERENCE_CROPS, len(train_images))).astype(int)]
     # Scoring must crop faces exactly as the training crops were made (margin, alignment).
-    crop_config = json.loads((Path(crops_dir) / CONFIG_FILE).read_text())["crop"]
+    preprocessed = json.loads((Path(crops_dir) / CONFIG_FILE).read_text())
+    crop_config = preprocessed["crop"]
     crop_config["face_mesh"] = False  # the mesh only serves training-time self-blends; scoring skips it
+    extra: dict[str, Any] = {"crop": crop_config, "input": train.input.model_dump()}
+    if family(train.family).clip_frames is not None:
+        # A training clip is a window of consecutive sampled crops, so the sampling sets its frame spacing;
+        # scoring and serving sample such a model's videos the same way (score.clip_sampling).
+        extra["sampling"] = SamplingConfig(**preprocessed["sampling"]).model_dump(mode="json")
     bundle = ModelBundle(
-        family=train.family, configs=configs, modules=modules, code_version=code_version(),
-        extra={"crop": crop_config, "input": train.input.model_dump()},
+        family=train.family, configs=configs, modules=modules, code_version=code_version(), extra=extra,
     )
     scores = calibrate_bundle(bundle, reference, val_images, val_ids)
     summary: dict[str, Any] = {"run_id": run_id, "val_frames": len(val_images)}
