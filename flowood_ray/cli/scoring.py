@@ -23,7 +23,8 @@ def score(
     out: Annotated[Path, typer.Option(help="output directory (frames.parquet, videos.parquet)")],
     kind: Annotated[str, typer.Option(help="archive layout (see `flowood manifest`)")] = "auto",
     split: Annotated[str | None, typer.Option(help="score only this split of the manifest")] = None,
-    frames: Annotated[int, typer.Option(help="frames per video (uniform sampling)")] = 32,
+    frames: Annotated[int | None, typer.Option(
+        help="frames per video, uniformly sampled (default: a clip model's training sampling, else 32)")] = None,
     fpr: Annotated[float, typer.Option(help="verdict threshold as a real-data false-positive rate (0.01 or 0.05)")] = 0.01,
     local: Annotated[bool, typer.Option(help="score in this process, without Ray (small jobs)")] = False,
     workers: Annotated[int | None, typer.Option(help="scoring actors (default: all cluster CPUs)")] = None,
@@ -47,7 +48,7 @@ def score(
             fail(f"no videos in split {split!r}")
     try:
         videos = run_score(
-            table, out, model, SamplingConfig(num_frames=frames), fpr=fpr, local=local, workers=workers,
+            table, out, model, None if frames is None else SamplingConfig(num_frames=frames), fpr=fpr, local=local, workers=workers,
             videos_per_shard=videos_per_shard, save_crops=save_crops, tracking_uri=tracking_uri, address=address,
         )
     except (ValidationError, ValueError, MlflowException) as exc:

@@ -60,7 +60,8 @@ def calibrate(
     reals: Annotated[Path, typer.Option(help="known-real videos of your archive's domain (folder, CSV or manifest)")],
     alias: Annotated[str, typer.Option(help="alias of the recalibrated version, e.g. archive-2026")],
     work: Annotated[Path, typer.Option(help="where the reference scores are kept")] = Path("calibrate_out"),
-    frames: Annotated[int, typer.Option(help="frames per video (uniform sampling)")] = 32,
+    frames: Annotated[int | None, typer.Option(
+        help="frames per video, uniformly sampled (default: a clip model's training sampling, else 32)")] = None,
     local: Annotated[bool, typer.Option(help="score in this process, without Ray")] = False,
     workers: Annotated[int | None, typer.Option(help="scoring actors (default: all cluster CPUs)")] = None,
     tracking_uri: TrackingOption = None,
@@ -74,7 +75,8 @@ def calibrate(
 
     table = load_manifest(reals, "auto")
     try:
-        summary = recalibrate(model, table, work, alias, sampling=SamplingConfig(num_frames=frames),
+        sampling = None if frames is None else SamplingConfig(num_frames=frames)
+        summary = recalibrate(model, table, work, alias, sampling=sampling,
                               tracking_uri=tracking_uri, local=local, workers=workers)
     except (ValueError, MlflowException) as exc:
         fail(str(exc))

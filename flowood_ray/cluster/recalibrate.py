@@ -33,7 +33,7 @@ def recalibrate(
     work: Path,
     alias: str,
     fprs: Sequence[float] = DEFAULT_FPRS,
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     tracking_uri: str | None = None,
     local: bool = False,
     workers: int | None = None,

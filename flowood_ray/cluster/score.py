@@ -11,6 +11,10 @@ Output directory:
   calibrations.json                  per model: name, version, family, primary score and the registered
                                      calibration it scored with, so `flowood evaluate` needs no registry
 
+Frames are sampled as the run asks, except that clip models (which score windows of consecutive
+sampled crops) are scored with the sampling of their training crops, stored with them at registration:
+another sampling would space a clip's frames differently from every clip the model has seen.
+
 On CPU-only clusters each actor decodes, crops, scores and writes its shard: nothing but paths
 and small status rows crosses the object store. When the cluster has GPUs, CPU actors crop and
 GPU actors score, with one video's crops (bounded by the frame cap) per row between them.
@@ -36,6 +40,7 @@ from flowood_ray.media.facecrop import CROP_SCHEMA, VIDEO_SCHEMA, VideoCropper, 
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.media.shards import commit_shard, done_video_ids, prepare_output, temp_paths
+from flowood_ray.models.catalog import family
 from flowood_ray.registry import ModelBundle, configure, load_registered, resolve_version
 from flowood_ray.scoring.calibration import Calibration
 from flowood_ray.scoring.conformal import drift_check, min_calibration_size
@@ -88,6 +93,46 @@ def crop_config_of(bundles: Sequence[Any]) -> CropConfig:
     if len(configs) > 1:
         raise ValueError("the models were trained on differently made crops; score them in separate runs")
     return CropConfig(**bundles[0].extra.get("crop", {}))
+
+
+def clip_sampling(bundle: ModelBundle) -> SamplingConfig | None:
+    """The sampling of a clip model's training crops; None for frame models, which take any sampling."""
+    if family(bundle.family).clip_frames is None:
+        return None
+    if "sampling" not in bundle.extra:
+        log.warning("%s was registered before clip models recorded their training sampling: it cannot be "
+                    "checked, and clips sampled otherwise than in training get scores its calibration does not "
+                    "describe", bundle.model_id)
+        return None
+    return SamplingConfig(**bundle.extra["sampling"])
+
+
+def _frame_spacing(sampling: SamplingConfig) -> tuple[str, int]:
+    """What decides how far apart a clip's frames are; a stride run's frame cap only drops whole clips."""
+    if sampling.mode == "uniform":
+        return "uniform", sampling.num_frames
+    return "every", sampling.stride if sampling.mode == "stride" else 1
+
+
+def sampling_of(bundles: Sequence[ModelBundle], requested: SamplingConfig | None) -> SamplingConfig:
+    """The frame sampling of a run: `requested` (None: the clip models' training sampling, else the default),
+    refused when it spaces frames otherwise than a clip model was trained on."""
+    trained = {b.model_id: s for b in bundles if (s := clip_sampling(b)) is not None}
+    if len({_frame_spacing(s) for s in trained.values()}) > 1:
+        raise ValueError(f"clip models trained on different frame samplings {trained}; score them in separate runs")
+    if not trained:
+        return requested or SamplingConfig()
+    model_id, sampling = next(iter(trained.items()))
+    if requested is None:
+        if sampling.mode != "uniform" and sampling.max_frames is None:
+            raise ValueError(f"{model_id} was trained on {sampling} without a frame cap; scoring needs one: "
+                             "ask for the same sampling with max_frames")
+        return sampling
+    if _frame_spacing(requested) != _frame_spacing(sampling):
+        raise ValueError(f"{model_id} is a clip model trained on frames sampled {sampling}; scoring it with "
+                         f"{requested} would space its clips' frames differently. Leave the sampling unset to use "
+                         "the trained one")
+    return requested
 
 
 class ShardScorer:
@@ -280,7 +325,7 @@ def run_score(
     manifest: pa.Table,
     out: Path,
     model_uris: Sequence[str],
-    sampling: SamplingConfig,
+    sampling: SamplingConfig | None = None,
     fpr: float = 0.01,
     local: bool = False,
     workers: int | None = None,
@@ -290,7 +335,8 @@ def run_score(
     tracking_uri: str | None = None,
     address: str | None = None,
 ) -> pa.Table:
-    """Score every manifest video not yet in `out`; returns all video rows of `out`."""
+    """Score every manifest video not yet in `out`; returns all video rows of `out`. `sampling` (see
+    `sampling_of`) defaults to the clip models' training sampling, else to uniform 32 frames."""
     uri = configure(tracking_uri)
     resolved = resolve_models(model_uris)
     bundles = [load_registered(f"models:/{m.name}/{m.version}") for m in resolved]
@@ -298,7 +344,8 @@ def run_score(
         if str(fpr) not in bundle.calibration["video"][build_scorer(bundle).primary]["thresholds"]:
             raise ValueError(f"{bundle.model_id} has no threshold calibrated at fpr={fpr}")
     config = ScoreConfig(
-        models=resolved, sampling=sampling, crop=crop_config_of(bundles), fpr=fpr, save_crops=save_crops
+        models=resolved, sampling=sampling_of(bundles, sampling), crop=crop_config_of(bundles), fpr=fpr,
+        save_crops=save_crops,
     )
     out = Path(out).resolve()
     # Versions, not aliases, define a run: a moved alias must not mix two models in one output.

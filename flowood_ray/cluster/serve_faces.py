@@ -1,6 +1,7 @@
 """Faces of request media, detected and aligned exactly as the model's training crops were (the
 CropConfig stored with the model): the largest faces of an image, the tracked main face of a clip's
-uniformly sampled frames. A clip is probed and refused over its limits before a frame is decoded."""
+sampled frames (`frames_per_video` uniformly, or a clip model's training sampling). A clip is probed and
+refused over its limits before a frame is decoded."""
 
 from __future__ import annotations
 
@@ -76,9 +77,10 @@ class FaceCropper:
         crops = np.stack([align_face(rgb, face.keypoints, crop.size, crop.margin)[0] for face in faces])
         return rgb, crops, faces
 
-    def video_crops(self, path: Path, crop: CropConfig
+    def video_crops(self, path: Path, crop: CropConfig, sampling: SamplingConfig | None = None
                     ) -> tuple[MediaInfo, np.ndarray, list[tuple[int, float, Face]]]:
-        """The clip's header, and the main face's crop in each sampled frame where it was found or tracked."""
+        """The clip's header, and the main face's crop in each sampled frame where it was found or tracked;
+        frames are sampled as `sampling` says (default: `frames_per_video` uniformly)."""
         settings = self.settings
         try:
             info = probe(path)
@@ -90,7 +92,7 @@ class FaceCropper:
         if info.duration_s > settings.max_video_seconds or info.frame_count > settings.max_video_frames:
             raise ApiError(422, "video_too_long", f"{info.duration_s:.1f} s / {info.frame_count} frames exceed the "
                            f"{settings.max_video_seconds} s / {settings.max_video_frames} frame limit")
-        indices = sample_indices(info.frame_count, SamplingConfig(num_frames=settings.frames_per_video))
+        indices = sample_indices(info.frame_count, sampling or SamplingConfig(num_frames=settings.frames_per_video))
         outcome = DecodeOutcome()
         crops: list[np.ndarray] = []
         rows: list[tuple[int, float, Face]] = []

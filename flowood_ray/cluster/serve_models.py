@@ -3,27 +3,45 @@ version (a resolution is reused for at most `alias_refresh_s`) and the model is 
 version, so a moved alias takes effect on the next resolution and a stale version is never served under
 the alias's name. The header `serve_multiplexed_model_id` selects another model: a URI
 (`models:/flowood-vqvae@champion`, `models:/flowood-glow/2`) or a version or alias of the default model
-(`2`, `candidate`); Serve keeps the last `MAX_MODELS_PER_REPLICA` of them per replica."""
+(`2`, `candidate`); Serve keeps the last `MAX_MODELS_PER_REPLICA` of them per replica.
+
+What the registry answers decides the status: an unknown model, version or alias is a 404, a registry
+that cannot be reached (connection refused, timeout, server error, missing SQLite database) a 503. Any
+other exception while loading is a bug and reaches the 500 handler, which logs its traceback."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import requests
+from mlflow.exceptions import MlflowException
 from ray import serve
 
+from flowood_ray.cluster.score import clip_sampling
 from flowood_ray.cluster.serve_schemas import ApiError, ModelInfo
 from flowood_ray.cluster.serve_settings import MAX_MODELS_PER_REPLICA, ServeSettings
 from flowood_ray.media.faces import CropConfig
+from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.registry import load_registered, parse_model_uri, resolve_version
 from flowood_ray.scoring.calibration import Calibration, verdict
 from flowood_ray.scoring.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
+
+# What the registry raises when it cannot answer: MLflow's own errors (its REST client turns refused
+# connections and timeouts into them) and the transport errors of artifact downloads over HTTP.
+REGISTRY_ERRORS = (MlflowException, requests.RequestException)
+# RESOURCE_DOES_NOT_EXIST: no such model or version; INVALID_PARAMETER_VALUE: no such alias.
+_NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,7 @@ class ServedModel:
     video: Calibration
     calibration: dict[str, Any]
     crop: CropConfig  # how the training crops were made; serving crops the same way
+    sampling: SamplingConfig | None  # a clip model's training sampling, which its clips' frames follow
     lambda_p: float | None  # restoration threshold of the VQ-VAE family
 
     @property
@@ -74,7 +93,8 @@ def _rate(calibration: Calibration, fpr: float) -> float:
 
 def load_served_model(uri: str, settings: ServeSettings) -> ServedModel:
     """The registered bundle behind `uri` with its scorer and the calibration of its primary score."""
-    bundle = load_registered(uri, settings.device)
+    with registry_call(uri):
+        bundle = load_registered(uri, settings.device)
     try:
         scorer = build_scorer(bundle, settings.device)
     except ValueError as exc:
@@ -92,22 +112,44 @@ def load_served_model(uri: str, settings: ServeSettings) -> ServedModel:
     assert bundle.name is not None and bundle.version is not None
     return ServedModel(
         uri=uri, name=bundle.name, version=bundle.version, family=bundle.family, scorer=scorer, score_name=score_name,
-        frame=frame, video=video, calibration=bundle.calibration, crop=crop, lambda_p=bundle.extra.get("lambda_p"),
+        frame=frame, video=video, calibration=bundle.calibration, crop=crop, sampling=clip_sampling(bundle),
+        lambda_p=bundle.extra.get("lambda_p"),
     )
 
 
-def registry_error(uri: str, exc: Exception) -> ApiError:
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+def registry_error(uri: str, exc: MlflowException | requests.RequestException) -> ApiError:
+    """404 for an unknown model, version or alias; 503 for a registry that cannot be reached or fails."""
+    if isinstance(exc, MlflowException) and exc.error_code in _NOT_FOUND_CODES:
         return ApiError(404, "unknown_model", f"{uri}: {exc.message}")
     return ApiError(503, "registry_unavailable", f"cannot load {uri} from the model registry: {exc}")
 
 
-def model_aliases(name: str, version: str) -> list[str]:
-    from mlflow import MlflowClient
+def _sqlite_database(registry_uri: str) -> Path | None:
+    if not registry_uri.startswith("sqlite:///"):
+        return None
+    return Path(registry_uri[len("sqlite:///"):].split("?", 1)[0])
 
-    return sorted(MlflowClient().get_model_version(name, version).aliases)
+
+@contextmanager
+def registry_call(uri: str) -> Iterator[None]:
+    """Run registry calls for `uri`, turning the registry's failures into the API's 404 and 503; other
+    exceptions pass through unchanged."""
+    database = _sqlite_database(mlflow.get_registry_uri())
+    if database is not None and not database.is_file():
+        # MLflow would create an empty database there and call every model unknown.
+        raise ApiError(503, "registry_unavailable", f"cannot load {uri}: no registry database at {database}")
+    try:
+        yield
+    except REGISTRY_ERRORS as exc:
+        error = registry_error(uri, exc)
+        if error.status == 503:
+            log.warning("%s", error.detail)
+        raise error from None
+
+
+def model_aliases(name: str, version: str) -> list[str]:
+    with registry_call(f"models:/{name}/{version}"):
+        return sorted(mlflow.MlflowClient().get_model_version(name, version).aliases)
 
 
 def score_jobs(jobs: list[tuple[ServedModel, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -149,7 +191,8 @@ class MultiplexedModels:
         """The default model, loaded now: a wrong URI fails the deployment rather than every request."""
         settings = self.settings
         self._default_name = parse_model_uri(settings.models[0])[0]
-        name, version = resolve_version(settings.models[0])
+        with registry_call(settings.models[0]):
+            name, version = resolve_version(settings.models[0])
         pinned = f"models:/{name}/{version}"
         model = load_served_model(pinned, settings)
         self._preloaded: dict[str, ServedModel] = {pinned: model}
@@ -187,10 +230,8 @@ class MultiplexedModels:
         cached = self._pins.get(uri)
         if cached is not None and now - cached[0] < self.settings.alias_refresh_s:
             return cached[1]
-        try:
+        with registry_call(uri):
             name, version = await asyncio.to_thread(resolve_version, uri)
-        except Exception as exc:  # noqa: BLE001 - MLflow's own and transport errors alike become 404/503
-            raise registry_error(uri, exc) from None
         pinned = f"models:/{name}/{version}"
         if cached is not None and cached[1] != pinned:
             log.info("%s moved from %s to %s", uri, cached[1], pinned)
@@ -198,14 +239,7 @@ class MultiplexedModels:
         return pinned
 
     async def _load(self, uri: str) -> ServedModel:
-        pinned = await self._pin(uri)
-        try:
-            return await self.get_model(pinned)
-        except ApiError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - see _pin
-            log.warning("loading %s failed: %s", pinned, exc)
-            raise registry_error(pinned, exc) from None
+        return await self.get_model(await self._pin(uri))
 
     async def _requested_model(self) -> ServedModel:
         requested = serve.get_multiplexed_model_id() or self.settings.models[0]

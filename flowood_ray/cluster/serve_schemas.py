@@ -130,11 +130,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "empty, corrupt or truncated media; heatmap asked of a model without one; malformed request"),
         (401, "missing or wrong bearer token"),
-        (404, "unknown model"),
+        (404, "unknown model, version or alias"),
         (413, "body over max_body_bytes, or pixels over max_image_pixels"),
         (415, "unsupported or mismatched content type"),
         (422, "no face, clip too long, unscorable input, uncalibrated model, invalid parameters"),
-        (503, "the model registry cannot be reached"),
+        (500, "a bug while loading a model or scoring; the replica log holds the traceback"),
+        (503, "the model registry cannot be reached: refused connection, timeout, server error, missing database"),
     )
 }
 

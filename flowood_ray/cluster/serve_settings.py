@@ -38,7 +38,8 @@ class ServeSettings(BaseModel):
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, le=MAX_PIXELS, description="largest image or video frame")
     max_video_seconds: float = Field(10.0, gt=0.0)
     max_video_frames: int = Field(1800, ge=1, description="most frames a clip may hold; bounds the decoding cost")
-    frames_per_video: int = Field(32, ge=1, le=256, description="frames sampled uniformly from a clip and scored")
+    frames_per_video: int = Field(32, ge=1, le=256, description="frames sampled uniformly from a clip and scored by "
+                                  "frame models; clip models sample as their training crops were sampled")
     max_faces: int = Field(8, ge=1, le=64, description="the largest faces of an image that are scored")
     fpr: float = Field(0.01, gt=0.0, lt=1.0, description="false-positive rate of the verdict; a calibrated rate")
     max_heatmaps: int = Field(4, ge=1, le=64, description="restoration maps per request (largest faces, top frames)")
