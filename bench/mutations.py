@@ -39,6 +39,7 @@ PATCH_TESTS = (VALUES, "tests/test_models_patch.py")
 CLASSIFIER_TESTS = (VALUES, "tests/test_models_classifier.py")
 RESTORATION_TESTS = (VALUES, "tests/test_scoring_restoration.py")
 TYPICALITY_TESTS = (VALUES, "tests/test_scoring_aggregate.py", "tests/test_models_patch.py")
+PARALLEL_RESTORATION_TESTS = ("tests/test_models_vqvae.py", "tests/test_scoring_restoration.py")
 RUN_TIMEOUT_S = 900
 
 
@@ -56,7 +57,7 @@ class Mutation:
 
 SCORERS, CATALOG = "flowood_ray/scoring/scorers.py", "flowood_ray/models/catalog.py"
 CLASSIFIER, RESTORATION = "flowood_ray/models/classifier.py", "flowood_ray/scoring/restoration.py"
-TRAIN_JOB = "flowood_ray/cluster/train_job.py"
+TRAIN_JOB, VQVAE_MODEL = "flowood_ray/cluster/train_job.py", "flowood_ray/models/vqvae.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # The review's six.
@@ -136,6 +137,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("restoration mean pool zero-padded", RESTORATION,
              (("x = F.avg_pool2d(replicate(x, mean_kernel), mean_kernel, stride=1)",
                "x = F.avg_pool2d(x, mean_kernel, stride=1, padding=mean_kernel // 2)"),), RESTORATION_TESTS),
+    Mutation("parallel restoration redraws the codes below lambda_p", VQVAE_MODEL,
+             (('take = take & (F.cross_entropy(raw_logits, codes, reduction="none") > threshold)',
+               'take = take & (F.cross_entropy(raw_logits, codes, reduction="none") <= threshold)'),),
+             PARALLEL_RESTORATION_TESTS),
+    Mutation("parallel restoration ignores the temperature", VQVAE_MODEL,
+             (("replica_uniforms.reshape(-1), temperature", "replica_uniforms.reshape(-1), 1.0"),),
+             PARALLEL_RESTORATION_TESTS),
+    Mutation("parallel restorations share one uniform per position", VQVAE_MODEL,
+             (("uniforms.view(n, n_samples, h * w)[image, :, position]",
+               "uniforms.view(n, n_samples, h * w)[image, :1, position].expand(-1, n_samples)"),),
+             PARALLEL_RESTORATION_TESTS),
+    Mutation("parallel restoration samples the next position's distribution", VQVAE_MODEL,
+             (("chosen = logits[image, position]", "chosen = logits[image, (position + 1) % (h * w)]"),),
+             PARALLEL_RESTORATION_TESTS),
 )
 
 

@@ -4,12 +4,20 @@
   c1/c8/c32 POST /v1/score/image at concurrency 1, 8 and 32 against a local Serve on 127.0.0.1:
             p50/p95/p99 latency and requests/s
   overhead  Serve p50 at concurrency 1 minus the bare time per image
+  heatmaps  against a VQ-VAE (the demo's configuration): p50 of plain requests and of `?heatmap=1`
+            requests for the same image, one at a time; then heatmap requests one after another while
+            plain requests run beside them, and the p50 of those plain requests (a replica that let
+            heatmaps block scoring would show the heatmap latency there)
   --load    2,000 requests at concurrency 16; counts errors by kind
 
-The image is a real photo (scikit-image's astronaut) as a 320x240 JPEG. A small Glow is trained on a
-synthetic benchmark and registered first (not timed), unless --model and --tracking-uri name one.
-Everything stays on loopback and every phase has a fixed request count, so the run ends by itself.
-Usage: python bench/serve.py [--model URI --tracking-uri URI] [--requests N] [--load]
+The image is a real photo (scikit-image's astronaut) as a 320x240 JPEG. A small Glow and a small
+VQ-VAE are trained on a synthetic benchmark and registered first (not timed), unless --model and
+--tracking-uri name a registry (then --heatmap-model names its VQ-VAE, or the heatmap phase is skipped).
+Everything stays on loopback and every phase has a fixed request count (the plain requests beside the
+heatmaps stop when those end, or at a cap), so the run ends by itself. The load average is printed at
+the start and before the heatmap phase: the machine may be shared.
+Usage: python bench/serve.py [--model URI --tracking-uri URI [--heatmap-model URI]] [--requests N]
+       [--heatmaps N] [--bare-repeats N] [--load]
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import httpx
 import numpy as np
 import ray
 import skimage.data
+import torch
 from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,15 +50,20 @@ from flowood_ray.cluster.serve_inputs import decode_image  # noqa: E402
 from flowood_ray.cluster.serve_settings import TOKEN_ENV  # noqa: E402
 from flowood_ray.cluster.train import TrainConfig  # noqa: E402
 from flowood_ray.cluster.train_job import train_and_register  # noqa: E402
+from flowood_ray.demo import DemoConfig  # noqa: E402
 from flowood_ray.media.align import align_face  # noqa: E402
 from flowood_ray.media.faces import CropConfig, FaceDetector  # noqa: E402
-from flowood_ray.registry import configure, load_registered  # noqa: E402
+from flowood_ray.registry import configure, list_models, load_registered  # noqa: E402
 from flowood_ray.scoring.scorers import build_scorer  # noqa: E402
 
 GLOW = {"glow": {"image_size": 64, "levels": 3, "steps_per_level": 4, "hidden_channels": 64}}
+BENCH_MODELS = {"glow": GLOW, "vqvae": DemoConfig().vqvae}  # family -> model configs, trained if missing
 CONCURRENCY = (1, 8, 32)
 LOAD_REQUESTS, LOAD_CONCURRENCY = 2000, 16
 WARMUP = 20
+MULTIPLEX = "serve_multiplexed_model_id"
+# Plain requests sent beside the heatmaps stop when the heatmaps are done, or at these caps.
+BESIDE_MAX_REQUESTS, BESIDE_MAX_SECONDS = 5000, 600.0
 
 
 def face_jpeg() -> bytes:
@@ -60,6 +74,9 @@ def face_jpeg() -> bytes:
 
 def bare_seconds(uri: str, data: bytes, repeats: int) -> tuple[float, float]:
     """Median seconds per image of decode + detect + align + score, and of the score call alone."""
+    # One intra-op thread, as in a replica (Ray sets OMP_NUM_THREADS to its num_cpus = 1): two threads on
+    # the busy shared cores made the Glow score 40 times slower than in the replica.
+    torch.set_num_threads(1)
     bundle = load_registered(uri)
     scorer = build_scorer(bundle)
     crop = CropConfig(**bundle.extra.get("crop", {}))
@@ -108,6 +125,70 @@ async def hammer(url: str, data: bytes, headers: dict[str, str], requests: int, 
     return latencies, outcomes, wall
 
 
+async def plain_beside_heatmaps(plain_url: str, heatmap_url: str, data: bytes, headers: dict[str, str],
+                                heatmaps: int) -> tuple[list[float], list[float], Counter[str]]:
+    """(heatmap latencies, latencies of the plain requests sent one after another while the heatmap
+    requests ran one after another, outcomes of both). Only plain requests that started and ended while
+    heatmaps were still running count."""
+    heatmap_latencies: list[float] = []
+    plain_latencies: list[float] = []
+    outcomes: Counter[str] = Counter()
+    done = asyncio.Event()
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def timed(url: str) -> float | None:
+            start = time.perf_counter()
+            try:
+                response = await client.post(url, content=data, headers=headers)
+            except httpx.HTTPError as exc:
+                outcomes[type(exc).__name__] += 1
+                return None
+            outcomes[str(response.status_code)] += 1
+            return time.perf_counter() - start if response.status_code == 200 else None
+
+        async def heatmap_worker() -> None:
+            try:
+                for _ in range(heatmaps):
+                    if (seconds := await timed(heatmap_url)) is not None:
+                        heatmap_latencies.append(seconds)
+            finally:
+                done.set()
+
+        async def plain_worker() -> None:
+            deadline = time.perf_counter() + BESIDE_MAX_SECONDS
+            for _ in range(BESIDE_MAX_REQUESTS):
+                if done.is_set() or time.perf_counter() > deadline:
+                    return
+                seconds = await timed(plain_url)
+                if seconds is not None and not done.is_set():
+                    plain_latencies.append(seconds)
+
+        await asyncio.gather(heatmap_worker(), plain_worker())
+    return heatmap_latencies, plain_latencies, outcomes
+
+
+def heatmap_phase(url: str, data: bytes, headers: dict[str, str], model: str, requests: int, heatmaps: int) -> None:
+    """Prints the p50 of plain and `?heatmap=1` requests for `model`, alone and side by side."""
+    headers = {**headers, MULTIPLEX: model}
+    heatmap_url = f"{url}?heatmap=1"
+    asyncio.run(hammer(heatmap_url, data, headers, 2, 1))  # loads the model, warms the restoration path
+    check = httpx.post(heatmap_url, content=data, headers=headers, timeout=120)
+    if check.status_code != 200 or check.json()["faces"][0]["heatmap"] is None:
+        raise SystemExit(f"{model} gave no heatmap: {check.status_code} {check.text[:300]}")
+    print(f"heatmaps with {model}, load average {os.getloadavg()[0]:.1f}:")
+    plain, plain_outcomes, _ = asyncio.run(hammer(url, data, headers, requests, 1))
+    mapped, mapped_outcomes, _ = asyncio.run(hammer(heatmap_url, data, headers, heatmaps, 1))
+    beside_maps, beside_plain, beside_outcomes = asyncio.run(
+        plain_beside_heatmaps(url, heatmap_url, data, headers, heatmaps)
+    )
+    errors = sum(c for o in (plain_outcomes, mapped_outcomes, beside_outcomes) for k, c in o.items() if k != "200")
+    for name, latencies in (("plain, alone", plain), ("heatmap=1, alone", mapped),
+                            ("heatmap=1, beside plain", beside_maps), ("plain, beside heatmaps", beside_plain)):
+        p50, p95, _ = percentiles_ms(latencies) if latencies else (float("nan"),) * 3
+        print(f"  {name:<24} {len(latencies):5d} requests  p50 {p50:8.1f} ms  p95 {p95:8.1f} ms")
+    print(f"  errors: {errors}")
+
+
 def percentiles_ms(latencies: list[float]) -> tuple[float, float, float]:
     p50, p95, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 95, 99])
     return float(p50), float(p95), float(p99)
@@ -124,24 +205,32 @@ def main() -> None:
     parser.add_argument("--model", help="registered model URI (default: train a small Glow)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI holding --model")
     parser.add_argument("--workdir", type=Path, default=Path("bench_out/serve"))
+    parser.add_argument("--heatmap-model", help="registered VQ-VAE URI for the heatmap phase (default: the one "
+                        "trained here; with --model and without it, no heatmap phase)")
     parser.add_argument("--requests", type=int, default=300, help="measured requests per concurrency level")
+    parser.add_argument("--heatmaps", type=int, default=8, help="heatmap requests per heatmap measurement")
+    parser.add_argument("--bare-repeats", type=int, default=100, help="timed in-process repeats")
     parser.add_argument("--load", action="store_true", help=f"also send {LOAD_REQUESTS} requests at "
                         f"concurrency {LOAD_CONCURRENCY} and count errors")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if bool(args.model) != bool(args.tracking_uri):
         parser.error("--model and --tracking-uri go together")
-    model, tracking = args.model, args.tracking_uri
+    model, tracking, heatmap_model = args.model, args.tracking_uri, args.heatmap_model
     if model is None:
         tracking = f"sqlite:///{(args.workdir / 'mlflow.db').resolve()}"
-        model = "models:/flowood-glow@candidate"
-        if not (args.workdir / "mlflow.db").exists():
-            train_and_register(synthetic_crops(args.workdir), TrainConfig(family="glow", epochs=1, workers=2), GLOW,
-                               "bench-serve", args.workdir / "ray_results", tracking)
+        model, heatmap_model = "models:/flowood-glow@candidate", "models:/flowood-vqvae@candidate"
+        configure(tracking)
+        registered = {row["name"] for row in list_models() if "candidate" in row["aliases"]}
+        for family, configs in BENCH_MODELS.items():
+            if f"flowood-{family}" not in registered:
+                train_and_register(synthetic_crops(args.workdir), TrainConfig(family=family, epochs=1, workers=2),
+                                   configs, f"bench-serve-{family}", args.workdir / "ray_results", tracking)
     configure(tracking)
     data = face_jpeg()
-    bare, score_only = bare_seconds(model, data, repeats=100)
-    print(f"model {model}; image 320x240 JPEG, {len(data)} bytes; {os.cpu_count()} CPUs")
+    bare, score_only = bare_seconds(model, data, repeats=args.bare_repeats)
+    print(f"model {model}; image 320x240 JPEG, {len(data)} bytes; {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"bare in-process: {bare * 1000:7.2f} ms per image (decode+detect+align+score), "
           f"score alone {score_only * 1000:.2f} ms")
 
@@ -149,7 +238,8 @@ def main() -> None:
     token = os.environ.get(TOKEN_ENV)
     headers = {"content-type": "image/jpeg", **({"authorization": f"Bearer {token}"} if token else {})}
     url = f"http://127.0.0.1:{port}/v1/score/image"
-    run_server([model], host="127.0.0.1", port=port, tracking_uri=tracking, blocking=False)
+    run_server([model, *([heatmap_model] if heatmap_model else [])], host="127.0.0.1", port=port,
+               tracking_uri=tracking, blocking=False)
     try:
         asyncio.run(hammer(url, data, headers, WARMUP, 1))
         columns = ("concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s")
@@ -165,6 +255,8 @@ def main() -> None:
                 serve_p50 = p50
         print(f"overhead of Serve + HTTP at concurrency 1: {serve_p50 - bare * 1000:.1f} ms per request "
               f"(p50 {serve_p50:.1f} ms vs bare {bare * 1000:.1f} ms)")
+        if heatmap_model:
+            heatmap_phase(url, data, headers, heatmap_model, args.requests, args.heatmaps)
         if args.load:
             latencies, outcomes, wall = asyncio.run(hammer(url, data, headers, LOAD_REQUESTS, LOAD_CONCURRENCY))
             p50, p95, p99 = percentiles_ms(latencies)

@@ -21,6 +21,7 @@ from flowood_ray.models.vqvae import (
     VectorQuantizer,
     VQVAEConfig,
     restore,
+    restore_parallel,
 )
 
 TINY_VQ = VQVAEConfig(
@@ -333,3 +334,101 @@ def test_restore_refuses_a_prior_in_training_mode() -> None:
     prior, codes, mask = restoration_inputs()
     with pytest.raises(ValueError, match="eval"):
         restore(prior.train(), codes, mask, None, 1)
+
+
+# --- parallel (one-pass) restoration ----------------------------------------------------------------
+
+
+def naive_parallel_restore(
+    prior: PixelSNAIL, codes: Tensor, mask: Tensor, seed: int, n_samples: int, threshold: float | None,
+    temperature: float,
+) -> Tensor:
+    """Reference of ``restore_parallel``'s contract, position by position and replica by replica: each
+    eligible code above the threshold under the ORIGINAL context is redrawn at its replica's uniform."""
+    n, h, w = codes.shape
+    logits = prior(codes)  # teacher forcing: every position sees the original codes before it
+    uniforms = torch.rand((n * n_samples, h * w), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    out = codes[:, None].repeat(1, n_samples, 1, 1)
+    for image in range(n):
+        for position in range(h * w):
+            row, col = divmod(position, w)
+            here = logits[image, :, row, col]
+            old = int(codes[image, row, col])
+            nll = float(-torch.log_softmax(here.double(), dim=0)[old])
+            if not mask[image, row, col] or (threshold is not None and nll <= threshold):
+                continue
+            probabilities = torch.softmax(here.double() / temperature, dim=0)
+            for replica in range(n_samples):
+                u = float(uniforms[image * n_samples + replica, position])
+                # Smallest code whose cumulative probability reaches u.
+                out[image, replica, row, col] = min(int((probabilities.cumsum(0) < u).sum()), len(here) - 1)
+    return out
+
+
+@pytest.mark.parametrize(("threshold", "temperature"), [(None, 1.0), (1.5, 0.5)])
+def test_parallel_restore_equals_a_per_position_reference(threshold: float | None, temperature: float) -> None:
+    """Catches: logits of the wrong position (a raster off-by-one, rows and columns swapped), redrawn
+    codes fed back as context, replicas sharing uniforms, the temperature ignored or applied to the
+    threshold test, and the threshold compared the wrong way."""
+    prior, codes, mask = restoration_inputs(seed=3)
+    with torch.no_grad():
+        expected = naive_parallel_restore(prior, codes, mask, 13, 4, threshold, temperature)
+    got = restore_parallel(prior, codes, mask, torch.Generator().manual_seed(13), 4, threshold=threshold,
+                           temperature=temperature)
+    assert torch.equal(got, expected)
+    unmasked = ~mask[:, None].expand_as(got)
+    assert torch.equal(got[unmasked], codes[:, None].expand_as(got)[unmasked])
+    assert bool((got != codes[:, None]).any())
+    if threshold is not None:  # the threshold must have kept some eligible codes
+        assert not torch.equal(got, restore_parallel(prior, codes, mask, torch.Generator().manual_seed(13), 4,
+                                                     temperature=temperature))
+
+
+def test_parallel_restore_makes_one_prior_pass_over_the_original_codes() -> None:
+    """Catches a fallback to per-position passes and a pass over anything but the full original maps."""
+    prior, codes, mask = restoration_inputs(seed=2)
+    seen: list[Tensor] = []
+    handle = prior.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
+    try:
+        restored = restore_parallel(prior, codes, mask, torch.Generator().manual_seed(0), 8, threshold=0.0)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and torch.equal(seen[0], codes)
+    assert bool((restored != codes[:, None]).any())
+
+
+def test_parallel_restore_agrees_with_restore_when_one_code_is_above_the_threshold() -> None:
+    """With one code above the threshold both restorers draw it from the same conditional at the same
+    uniform. Catches another uniform layout or another draw than ``restore``'s, which would make the
+    parallel mode a different random process rather than an approximation of the same one."""
+    prior = prior_in_eval(seed=4)
+    codes = random_codes(3, TINY_PRIOR, seed=4)
+    with torch.no_grad():
+        # The most likely code everywhere (greedy, in raster order) but the least likely one at the last
+        # position, after which there is nothing that restore could re-judge in a new context.
+        for row, col in itertools.product(range(TINY_PRIOR.height), range(TINY_PRIOR.width)):
+            pick = torch.argmin if (row, col) == (TINY_PRIOR.height - 1, TINY_PRIOR.width - 1) else torch.argmax
+            codes[:, row, col] = pick(prior(codes)[:, :, row, col], dim=1)
+        nll = prior.nll_map(codes).flatten(1)
+    top2 = nll.topk(2, dim=1).values
+    assert bool((nll.argmax(dim=1) == nll.shape[1] - 1).all())
+    threshold = float((top2[:, 1].max() + top2[:, 0].min()) / 2)
+    assert bool((top2[:, 1] < threshold).all() and (top2[:, 0] > threshold).all())  # one code per map above it
+    parallel = restore_parallel(prior, codes, None, torch.Generator().manual_seed(5), 16, threshold=threshold)
+    exact = restore(prior, codes, None, torch.Generator().manual_seed(5), 16, threshold=threshold)
+    assert torch.equal(parallel, exact)
+    assert bool((parallel[:, :, -1, -1] != codes[:, None, -1, -1]).any())  # the code was redrawn
+    # One eligible code in the middle of the map: the same agreement away from the border.
+    mask = torch.zeros_like(codes, dtype=torch.bool)
+    mask[:, 1, 2] = True
+    parallel = restore_parallel(prior, codes, mask, torch.Generator().manual_seed(6), 16, temperature=0.7)
+    exact = restore(prior, codes, mask, torch.Generator().manual_seed(6), 16, temperature=0.7)
+    assert torch.equal(parallel, exact) and bool((parallel[:, :, 1, 2] != codes[:, None, 1, 2]).any())
+
+
+def test_parallel_restore_refuses_a_prior_in_training_mode_and_a_wrong_mask() -> None:
+    prior, codes, mask = restoration_inputs()
+    with pytest.raises(ValueError, match="eval"):
+        restore_parallel(prior.train(), codes, mask, None, 1)
+    with pytest.raises(ValueError, match="mask"):
+        restore_parallel(prior.eval(), codes, mask[:, :1], None, 1)

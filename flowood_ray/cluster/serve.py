@@ -17,7 +17,9 @@ A clip's scores are its frames' scores aggregated by `Scorer.aggregate`, as cali
 scoring aggregate them, and the clip is judged against the video-level threshold.
 
 `?heatmap=1` (VQ-VAE family) adds Marimont & Tarroni's restoration map for the largest faces or the
-highest-scoring frames (`max_heatmaps`); it costs about as much as hundreds of plain scorings.
+highest-scoring frames (`max_heatmaps`), by the parallel restoration of scoring/restoration.py: one
+prior pass and a few decodes per map, a few plain scorings' worth. Maps are made on their own thread,
+one request's at a time, while plain requests go on being scored.
 
 Every bad input is answered with a 4xx and the JSON body {"error": code, "detail": reason}.
 
@@ -31,7 +33,6 @@ import asyncio
 import logging
 import math
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,7 @@ from flowood_ray.cluster.serve_heatmaps import restoration_heatmaps
 from flowood_ray.cluster.serve_inputs import (IMAGE_TYPES, VIDEO_TYPES, check_bearer_token, check_declared_length,
                                               read_image_body, spool_video_body)
 from flowood_ray.cluster.serve_models import (MultiplexedModels, ServedModel, model_aliases, primary_scores,
-                                              registry_error, score_jobs)
+                                              score_jobs)
 from flowood_ray.cluster.serve_schemas import (ERROR_RESPONSES, ApiError, FaceScore, FrameScore, Health, Heatmap,
                                                ImageResult, ModelEntry, ModelList, VideoResult, VideoScore,
                                                add_error_handlers, body_doc)
@@ -105,7 +106,8 @@ class ScoringService(MultiplexedModels):
         self._token = settings.token.get_secret_value() if settings.token else None
         self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="flowood-media")
         self._faces = FaceCropper(settings)
-        self._compute_lock = threading.Lock()
+        # Heatmaps queue among themselves, not behind or in front of scoring, nor on the media threads.
+        self._heatmap_pool = ThreadPoolExecutor(1, thread_name_prefix="flowood-heatmap")
         model = self._preload_default_model()
         # The first request does not pay for the download, the detector and torch's first call.
         with self._faces.tracker(model.crop) as tracker:
@@ -124,20 +126,18 @@ class ScoringService(MultiplexedModels):
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        # One model computation at a time: restoration hooks into the prior that scoring also runs,
-        # and a single forward already keeps the replica's CPUs busy.
-        with self._compute_lock:
-            return fn(*args)
-
+    # No lock around the models: Serve runs one batch at a time, and restoration maps only read the
+    # modules scoring runs (no hooks, no buffers), so a map can be made while a batch is scored.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _score_batch(self, jobs: list[tuple[ServedModel, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        return await asyncio.to_thread(self._compute, score_jobs, jobs)
+        return await asyncio.to_thread(score_jobs, jobs)
 
     async def _heatmaps(self, model: ServedModel, crops: np.ndarray, chosen: list[int]) -> list[Heatmap | None]:
-        """Maps for the crops at `chosen` (the rest get None): restorations cost too much to map them all."""
+        """Maps for the crops at `chosen` (the rest get None): the requests that asked share one thread."""
         maps: list[Heatmap | None] = [None] * len(crops)
-        made = await self._in_pool(self._compute, restoration_heatmaps, model, crops[chosen], self.settings)
+        made = await asyncio.get_running_loop().run_in_executor(
+            self._heatmap_pool, restoration_heatmaps, model, crops[chosen], self.settings
+        )
         for i, heatmap in zip(chosen, made):
             maps[i] = heatmap
         return maps
@@ -166,10 +166,7 @@ class ScoringService(MultiplexedModels):
         entries = []
         for i, uri in enumerate(self.settings.models):
             model = await self._load(uri)
-            try:
-                aliases = await asyncio.to_thread(model_aliases, model.name, model.version)
-            except Exception as exc:  # noqa: BLE001 - see _pin
-                raise registry_error(model.uri, exc) from None
+            aliases = await asyncio.to_thread(model_aliases, model.name, model.version)
             thresholds = {
                 level: {name: {str(f): (None if t is None else float(t)) for f, t in cal["thresholds"].items()}
                         for name, cal in cals.items()}
@@ -215,11 +212,12 @@ class ScoringService(MultiplexedModels):
     async def score_video(
         self, request: Request, credentials: Credentials, heatmap: HeatmapFlag = False
     ) -> VideoResult:
-        """Score the main face in up to frames_per_video uniformly sampled frames, and the clip as a whole."""
+        """Score the main face in up to frames_per_video uniformly sampled frames (a clip model: in the frames
+        its training sampling picks), and the clip as a whole."""
         model = await self._prepare(request, credentials, heatmap)
         with tempfile.TemporaryDirectory(prefix="flowood-serve-") as tmp:
             path = await spool_video_body(request, self.settings.max_body_bytes, Path(tmp))
-            info, crops, rows = await self._in_pool(self._faces.video_crops, path, model.crop)
+            info, crops, rows = await self._in_pool(self._faces.video_crops, path, model.crop, model.sampling)
         scores = await self._score_batch((model, crops))
         primary = primary_scores(model, scores)
         _, clip_scores = model.scorer.aggregate(np.zeros(len(crops), dtype=np.int64), scores)

@@ -1,5 +1,6 @@
 """`?heatmap=1`: Marimont & Tarroni's restoration maps of the VQ-VAE family, colour-mapped over the aligned
-crops as PNGs. A map costs about as much as hundreds of plain scorings."""
+crops as PNGs. Restorations are drawn in the parallel mode (one prior pass per crop), which reads the
+served modules without changing them, so maps can be made while the same model scores other requests."""
 
 from __future__ import annotations
 

@@ -3,9 +3,8 @@
 For each crop x:
 
 1. encode x to its code map with the VQ-VAE;
-2. draw ``S`` restorations of that map with :func:`flowood_ray.models.vqvae.restore`: in raster order,
-   every code whose NLL under the PixelSNAIL prior (given the already restored codes before it)
-   exceeds ``lambda_p`` nats is replaced by a draw from the prior;
+2. draw ``S`` restorations of that map: every code whose NLL under the PixelSNAIL prior exceeds
+   ``lambda_p`` nats is replaced by a draw from the prior (``mode``, below, says given which context);
 3. decode every restoration y_j and take its residual map ``r_j = sum_channels |y_j - x|``;
 4. weigh the restorations with ``w_j = softmax_j(k / sum_pixels r_j)``, so the restorations that stay
    closest to the input count most (a restoration that drifted far from x is discounted), and take
@@ -24,16 +23,39 @@ Weighting constant k: the document's formula divides k by the *total* L1 distanc
 divides k = 3 by the *mean* distance per element. ``k=None`` uses ``3 * C * H * W``, which makes the two
 identical, so the default behaves the same at every crop size.
 
-Batch independence: ``restore`` draws one uniform per (replica, position) for the whole batch from a
+Modes, fidelity against cost:
+
+* ``"parallel"``, the default of scoring, the report and Serve
+  (:func:`~flowood_ray.models.vqvae.restore_parallel`). One teacher-forced prior pass over the original
+  codes gives each position's distribution given the original codes before it; every position whose
+  NLL there exceeds lambda_p (the positions the sample score counts) is redrawn from that
+  distribution, all at once, and the S restorations are S independent draws from the same
+  distributions. A redrawn code does not condition the later ones.
+* ``"autoregressive"``: :func:`~flowood_ray.models.vqvae.restore`, the reference's exact procedure. In
+  raster order each code is judged and redrawn given the codes already restored before it, so a
+  restored region is drawn as one coherent sample, and a code that was unlikely only next to an
+  anomalous neighbour is kept once that neighbour is restored (while others may become unlikely and be
+  redrawn in turn). It needs a prior pass at every position after a replica's first change.
+
+The two agree up to and including each replica's first code above lambda_p; they differ where codes
+above lambda_p follow one another, and there the independently drawn parallel codes fit each other less
+well. On the ramp toy of tests/test_scoring_restoration.py (16 crops with a pasted patch) the parallel
+map was higher inside the patch (0.43 against 0.40) and also far from it (0.12 against 0.07): it still
+localises, with less contrast (3.5 against 5.9 inside/far). Cost per 64 px crop on this project's shared
+2-core CPU (1 torch thread, load average about 6; bench/restoration.py: the demo's VQ-VAE and prior,
+16x16 codes, 5 restorations, lambda_p at the 90th NLL percentile): parallel 0.04 s (1 prior pass),
+autoregressive 11.8 s (222 passes; an earlier measurement with the full-size default models: 22 s).
+
+Batch independence: the restorers draw one uniform per (replica, position) for the whole batch from a
 single generator, so a crop's draws would depend on its index in the batch. With
 ``batch_independent=True`` every crop gets its own generator, seeded from one base seed (drawn from
-``generator``) and a hash of the crop's bytes, and is restored by its own ``restore`` call; encoding and
-decoding are per crop as well, so a crop's map is bitwise the same alone, inside any batch and in any
-order. Cost, measured on this project's shared 2-core CPU (1 torch thread; default VQVAE and PixelSNAIL,
-64 px crops, 16x16 codes, 5 restorations, lambda_p at the 90th NLL percentile): per-crop calls take
-about 22 s and 255 prior passes per crop; one batched ``restore`` call over 3 crops took 85 passes per
-crop but about 28 s per crop, because the prior forwards are compute-bound already at 5 rows. Per-crop
-calls are therefore the fastest batch-independent option here, and they are not slower than sharing.
+``generator``) and a hash of the crop's bytes, and is restored by its own call; encoding and decoding are
+per crop as well, so a crop's map is bitwise the same alone, inside any batch and in any order. For the
+autoregressive mode, one batched call over 3 crops took 85 passes per crop but longer per crop than
+per-crop calls, because the prior forwards are compute-bound already at 5 rows.
+
+Nothing here mutates the models (no hooks, no buffers), so maps may be computed while other threads
+run the same modules, e.g. a server scoring requests with the same prior.
 """
 
 from __future__ import annotations
@@ -47,9 +69,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, restore
+from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, restore, restore_parallel
 
 ImageScore = Literal["mean", "top"]
+RestorationMode = Literal["parallel", "autoregressive"]
 
 # Reference code (lsr_mood_challenge_2020): softmax temperature 3 on the *mean* L1 distance.
 REFERENCE_K_PER_ELEMENT = 3.0
@@ -65,7 +88,6 @@ class RestorationResult:
     codes: Tensor  # (N, h, w) int64: code map of each crop
     restored_codes: Tensor  # (N, S, h, w) int64: the S restorations of each code map
     weights: Tensor  # (N, S) float: w_j of each restoration
-    prior_passes: int  # prior forward calls actually made, counted by a hook
     restorations: Tensor | None = None  # (N, S, C, H, W) decoded restorations when keep_restorations
 
 
@@ -118,13 +140,15 @@ def image_scores(pixel_map: Tensor, score: ImageScore = "top", top_fraction: flo
 
 
 def prior_passes_used(codes: Tensor, restored_codes: Tensor, batch_independent: bool = True) -> int:
-    """Prior forwards that :func:`restore` makes with ``mask=None`` and a threshold, from its output.
+    """Prior forwards that :func:`restore` (``mode="autoregressive"``) makes with ``mask=None`` and a
+    threshold, from its output.
 
     ``restore`` makes one initial forward, then one batched forward at every raster position after the
     first position where any replica of its call changed a code (every position is eligible, and a
     replica with a changed code needs fresh logits). That is at most h*w per call, against
     S*h*w for one forward per position per restoration. ``batch_independent`` says whether each crop had
-    its own call (as :func:`restoration_map` does then) or the batch shared one.
+    its own call (as :func:`restoration_map` does then) or the batch shared one. The parallel mode makes
+    exactly one forward per call.
     """
     n, s, h, w = restored_codes.shape
     changed = (restored_codes != codes[:, None]).reshape(n, s, h * w).any(dim=1)  # (N, h*w)
@@ -164,6 +188,7 @@ def restoration_map(
     generator: torch.Generator | None = None,
     batch_independent: bool = True,
     *,
+    mode: RestorationMode = "parallel",
     temperature: float = 1.0,
     score: ImageScore = "top",
     top_fraction: float = 0.01,
@@ -177,43 +202,35 @@ def restoration_map(
     the reference's k=3 on the mean distance, see the module docstring). ``generator`` seeds the
     restorations: with ``batch_independent`` one base seed is drawn from it per call and each crop's
     generator derives from that and the crop's bytes; otherwise the whole batch shares it in one
-    ``restore`` call (fewer, larger prior passes, which can pay on an accelerator, but a crop's map
-    then depends on the rest of the batch). Both models must be in eval mode (``restore`` checks the prior).
+    restorer call (fewer, larger prior passes, which can pay on an accelerator, but a crop's map then
+    depends on the rest of the batch). ``mode``: ``"parallel"`` (one prior pass per restorer call) or
+    ``"autoregressive"`` (exact, up to one pass per code position); see the module docstring. Both
+    models must be in eval mode (the restorers check the prior).
     """
     if images.dim() != 4:
         raise ValueError(f"expected images (N, C, H, W), got {tuple(images.shape)}")
     if n_restorations < 1:
         raise ValueError(f"n_restorations must be >= 1, got {n_restorations}")
-    passes = 0
+    if mode not in ("parallel", "autoregressive"):
+        raise ValueError(f"mode must be 'parallel' or 'autoregressive', got {mode!r}")
+    resample = restore_parallel if mode == "parallel" else restore
 
-    def count_pass(*_: object) -> None:
-        nonlocal passes
-        passes += 1
+    def restored(codes: Tensor, crop_generator: torch.Generator | None) -> Tensor:
+        return resample(prior, codes, None, crop_generator, n_restorations, threshold=lambda_p, temperature=temperature)
 
-    handle = prior.register_forward_pre_hook(count_pass)
-    try:
-        if batch_independent:
-            seed_device = generator.device if generator is not None else torch.device("cpu")
-            base_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=seed_device))
-            codes_list, restored_list = [], []
-            for crop in images.split(1):
-                crop_generator = torch.Generator(device=images.device).manual_seed(_crop_seed(base_seed, crop))
-                crop_codes = vqvae.encode(crop)
-                codes_list.append(crop_codes)
-                restored_list.append(
-                    restore(
-                        prior, crop_codes, None, crop_generator, n_restorations,
-                        threshold=lambda_p, temperature=temperature,
-                    )
-                )
-            codes, restored_codes = torch.cat(codes_list), torch.cat(restored_list)
-        else:
-            codes = vqvae.encode(images)
-            restored_codes = restore(
-                prior, codes, None, generator, n_restorations, threshold=lambda_p, temperature=temperature
-            )
-    finally:
-        handle.remove()
+    if batch_independent:
+        seed_device = generator.device if generator is not None else torch.device("cpu")
+        base_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=seed_device))
+        codes_list, restored_list = [], []
+        for crop in images.split(1):
+            crop_generator = torch.Generator(device=images.device).manual_seed(_crop_seed(base_seed, crop))
+            crop_codes = vqvae.encode(crop)
+            codes_list.append(crop_codes)
+            restored_list.append(restored(crop_codes, crop_generator))
+        codes, restored_codes = torch.cat(codes_list), torch.cat(restored_list)
+    else:
+        codes = vqvae.encode(images)
+        restored_codes = restored(codes, generator)
 
     # Per crop, decoding and pooling keep their float results independent of the batch's size too.
     chunks = zip(images.split(1), restored_codes.split(1)) if batch_independent else [(images, restored_codes)]
@@ -226,6 +243,5 @@ def restoration_map(
         codes=codes,
         restored_codes=restored_codes,
         weights=torch.cat(weights),
-        prior_passes=passes,
         restorations=torch.cat(restorations) if keep_restorations else None,
     )
