@@ -159,7 +159,9 @@ def test_rule_attribute_contrasts_the_top_and_bottom_thirds(crops_dir: Path, tra
     assert saved["origin"] == "rule mouth-open" and saved["model"] == "flowood-glow/1"
     table = pq.read_table(next((crops_dir / "crops").glob("*.parquet"))).sort_by([("video_id", "ascending"),
                                                                                  ("frame_index", "ascending")])
-    opening = np.array([mouth_opening(np.asarray(m, np.float64).reshape(468, 2)) for m in table.column("mesh").to_pylist()])
+    # Meshes are stored as the bytes of 468 (x, y) float32 pairs.
+    opening = np.array([mouth_opening(np.frombuffer(m, np.float32).astype(np.float64).reshape(468, 2))
+                        for m in table.column("mesh").to_pylist()])
     low, high = np.quantile(opening, [1 / 3, 2 / 3])
     positive, negative = opening >= high, opening <= low
     assert (saved["positives"], saved["negatives"]) == (positive.sum(), negative.sum())

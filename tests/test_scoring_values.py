@@ -139,6 +139,17 @@ def test_glow_typicality_tests_each_frame_and_each_videos_mean_against_the_entro
     np.testing.assert_allclose(video["glow_typicality"], np.abs(video_mean - entropy), rtol=1e-6, atol=1e-6)
 
 
+def test_video_scores_leave_out_nan_frames_and_a_video_of_nan_frames_is_nan() -> None:
+    """Catches: one NaN frame making its video NaN (or the aggregation refusing the batch), a NaN frame
+    counted as 0, and a video with no scored frame given a number (it must come out unscored)."""
+    scorer = build_scorer(bundle_of("glow", glow_modules(), input=CROP_INPUT, entropy_bpd=4.0))
+    nan = float("nan")
+    scores = {"glow_bpd": np.array([3.0, nan, 5.0, nan, nan, 2.0])}
+    ids, video = scorer.aggregate(np.array([7, 7, 7, 8, 8, 9]), scores)
+    np.testing.assert_array_equal(ids, [7, 8, 9])
+    np.testing.assert_array_equal(video["glow_bpd"], [4.0, nan, 2.0])
+
+
 def test_calibration_sets_the_entropy_to_the_mean_training_bpd_and_calibrates_typicality_on_it() -> None:
     """Catches: an entropy of 0 (or of another score) written at calibration, an entropy taken from the
     validation crops, and typicality thresholds computed before the entropy is known or from per-frame

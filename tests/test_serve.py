@@ -23,12 +23,13 @@ from pydantic import SecretStr
 from ray import serve
 from ray.serve import Application
 
-from conftest import TINY_MODELS, face_frames, free_port, write_video
+from conftest import face_frames, free_port, write_video
 from flowood_ray.cluster.runtime import init_ray
 from flowood_ray.cluster.serve import build_app, build_application
 from flowood_ray.cluster.serve_settings import ServeSettings
 from flowood_ray.media.align import align_face
 from flowood_ray.media.faces import CropConfig, FaceDetector
+from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.registry import configure, load_registered, promote, register_bundle
 from flowood_ray.scoring.scorers import Scorer, build_scorer
 
@@ -43,7 +44,7 @@ MULTIPLEX = "serve_multiplexed_model_id"
 TOKEN = "s3cret-test-token"
 BODY_LIMIT = 1_000_000
 MAX_SECONDS = 2.0
-FRAMES_PER_VIDEO = 8
+FRAMES_PER_VIDEO = 5  # frame models; not the 8 frames per video of the clip model's training crops
 MAX_HEATMAPS = 2
 
 
@@ -91,25 +92,23 @@ def noise_frames(n: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def registry(synth_crops: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """flowood-glow versions 1 (champion) and 2 (candidate, same weights); flowood-vqvae 1, flowood-clip 1
-    and flowood-classifier 1 (champions)."""
-    from flowood_ray.cluster.train import TrainConfig
-    from flowood_ray.cluster.train_job import train_and_register
-
-    root = tmp_path_factory.mktemp("serve_registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    for name in ("glow", "vqvae", "clip", "classifier"):
-        summary = train_and_register(
-            synth_crops, TrainConfig(family=name, epochs=1, batch_size=16, workers=2), TINY_MODELS[name],
-            f"serve-{name}", root / "ray_results", uri,
-        )
-        promote(f"flowood-{name}", summary["version"])
+def registry(trained_models: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A registry of this module's own, so aliases can move without touching other tests': the session's
+    trained glow, vqvae, clip and classifier as version 1 (champions) of flowood-<family>, and flowood-glow
+    version 2 (candidate, same weights)."""
+    configure(trained_models["tracking_uri"])
+    bundles = {name: load_registered(f"models:/flowood-{name}/{trained_models['summaries'][name]['version']}")
+               for name in ("glow", "vqvae", "clip", "classifier")}
+    uri = f"sqlite:///{tmp_path_factory.mktemp('serve_registry') / 'mlflow.db'}"
     configure(uri)
     client = mlflow.MlflowClient()
-    run = client.create_run(mlflow.set_experiment("flowood-glow").experiment_id, run_name="serve-glow-v2")
-    assert register_bundle(load_registered("models:/flowood-glow/1"), run.info.run_id) == "2"
-    client.set_terminated(run.info.run_id, "FINISHED")
+    for name, bundle in [*bundles.items(), ("glow", bundles["glow"])]:
+        run = client.create_run(mlflow.set_experiment(f"flowood-{name}").experiment_id, run_name=f"serve-{name}")
+        version = register_bundle(bundle, run.info.run_id)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        if version == "1":
+            promote(f"flowood-{name}", version)
+    assert str(client.get_model_version_by_alias("flowood-glow", "candidate").version) == "2"
     return uri
 
 
@@ -278,6 +277,11 @@ def test_the_clip_family_scores_videos_and_refuses_images(server: Server, face: 
     frames = body["frames"]
     scores = np.array([f["scores"]["clip_nll"] for f in frames])
     assert np.isfinite(scores).all() and len(frames) > 1
+    # Registration stored the training crops' sampling (synth_crops: uniform 8) and serving follows it, not
+    # frames_per_video: catches clips whose frames are spaced otherwise than in training. Uniform 8 of 25
+    # frames by hand: floor((i + 0.5) * 25 / 8).
+    assert bare_scorer(CLIP, server.tracking_uri).bundle.extra["sampling"] == SamplingConfig(num_frames=8).model_dump()
+    assert [f["frame_index"] for f in frames] == [1, 4, 7, 10, 14, 17, 20, 23]
     image = server.client.post(
         "/v1/score/image", content=encode(face, ".png"), headers={"content-type": "image/png", MULTIPLEX: CLIP}
     )

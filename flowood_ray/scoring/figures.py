@@ -40,7 +40,7 @@ def score_figure(
     labels: np.ndarray,
     methods: np.ndarray,
     values: np.ndarray,
-    thresholds: Mapping[float, float],
+    thresholds: Mapping[float, float | None],
 ) -> Figure:
     """Overlaid histograms of real vs each manipulation method (as in seed 000) beside their ROC curves."""
     fig = Figure(figsize=(12, 4.2))
@@ -66,7 +66,9 @@ def score_figure(
         hist_ax.stairs(density(real), bins, fill=True, color="0.6", alpha=0.6, label="real")
     for subset, mask in subsets[1:]:
         hist_ax.stairs(density(mask & (labels == 1)), bins, lw=1.6, label=_series_label(subset))
-    for i, (fpr, threshold) in enumerate(sorted(thresholds.items())):
+    # An unresolved threshold (too few calibration reals for its rate) flags nothing and gets no line.
+    resolved = sorted((fpr, t) for fpr, t in thresholds.items() if t is not None)
+    for i, (fpr, threshold) in enumerate(resolved):
         hist_ax.axvline(threshold, color="k", ls="--", lw=1)
         # Staggered, because the 1% and 5% thresholds are often close together.
         hist_ax.text(

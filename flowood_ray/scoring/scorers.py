@@ -113,13 +113,19 @@ class Scorer:
         return scores
 
     def aggregate(self, video_ids: np.ndarray, scores: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(sorted unique video ids, video score per name): the mean of frame scores by default."""
+        """(sorted unique video ids, video score per name): the mean of frame scores by default. NaN frame
+        scores (a model that failed on them) are left out; a video with no other frame gets NaN."""
         out: dict[str, np.ndarray] = {}
+        video_ids = np.asarray(video_ids)
         ids = np.unique(video_ids)
         typical = self.typicality[0] if self.typicality else None
         for name, values in scores.items():
             if name != typical:
-                ids, out[name] = aggregate_frames(video_ids, values, "mean")
+                values = np.asarray(values, dtype=np.float64)
+                scored = ~np.isnan(values)
+                kept_ids, kept = aggregate_frames(video_ids[scored], values[scored], "mean")
+                out[name] = np.full(len(ids), np.nan)
+                out[name][np.searchsorted(ids, kept_ids)] = kept
         if self.typicality and typical in scores and self.entropy is not None:
             # Typicality is a test on the clip's mean NLL, not the mean of per-frame distances.
             out[typical] = np.abs(out[self.typicality[1]] - self.entropy)
@@ -223,7 +229,8 @@ class VQVAEScorer(Scorer):
                 "lambda_p": float(np.quantile(flat, LAMBDA_P_QUANTILE))}
 
     def pixel_map(self, crops: np.ndarray, restorations: int = 3, seed: int = 0) -> np.ndarray:
-        """Document 002's restoration map (see scoring/restoration.py), resized to the crops."""
+        """Document 002's restoration map, parallel mode (one prior pass per crop; see
+        scoring/restoration.py), resized to the crops."""
         from flowood_ray.scoring.restoration import restoration_map
 
         if "lambda_p" not in self.bundle.extra:
