@@ -58,7 +58,8 @@ def test_cluster_down_stops_only_what_cluster_up_started(tmp_path: Path) -> None
     assert ray.get(_answer.remote(), timeout=120) == 42
     state = tmp_path / "cluster"
     mlflow_port = free_port()
-    up = [FLOWOOD, "cluster", "up", "--state-dir", str(state), "--num-cpus", "1", "--ray-port", str(free_port()), "--agent-port", str(free_port()),
+    up = [FLOWOOD, "cluster", "up", "--state-dir", str(state), "--num-cpus", "1", "--ray-port", str(free_port()),
+          "--agent-port", str(free_port()),
           "--dashboard-port", str(free_port()), "--mlflow-port", str(mlflow_port)]
     try:
         started = subprocess.run(up, timeout=300, capture_output=True, text=True)

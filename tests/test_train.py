@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TINY_MODELS, free_port
+from conftest import E2E_FAMILIES, TINY_MODELS, free_port
 from flowood_ray.media.shards import read_crop_images, read_videos, real_split_ids
 from flowood_ray.models.catalog import family, parse_configs
 from flowood_ray.registry import configure, list_models, load_registered, promote
@@ -28,14 +28,15 @@ def _calibration_scores(run_id: str, tmp: Path):
     return pq.read_table(path)
 
 
-@pytest.mark.parametrize("family_name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("family_name", E2E_FAMILIES)
 def test_two_worker_ddp_training_registers_a_calibrated_version(
     family_name: str, synth_crops: Path, trained_models: dict, tmp_path: Path
 ) -> None:
     uri, summary = trained_models["tracking_uri"], trained_models["summaries"][family_name]
     configure(uri)
-    rows = [r for r in list_models() if r["name"] == f"flowood-{family_name}"]
-    assert rows and "candidate" in rows[-1]["aliases"]
+    # The version this training registered (other tests may register later ones of the family).
+    rows = [r for r in list_models() if r["name"] == f"flowood-{family_name}" and r["version"] == summary["version"]]
+    assert rows and "candidate" in rows[0]["aliases"]
     client = mlflow.MlflowClient()
     for phase in family(family_name).phases:
         history = client.get_metric_history(summary["run_id"], f"val_{phase.metric}")
@@ -71,7 +72,8 @@ def test_ray_job_submit_to_a_local_head_trains_and_registers(synth_crops: Path, 
     flowood = str(Path(sys.executable).with_name("flowood"))
     dashboard, tracking = free_port(), free_port()
     subprocess.run(
-        [flowood, "cluster", "up", "--state-dir", str(state), "--num-cpus", "2", "--ray-port", str(free_port()), "--agent-port", str(free_port()),
+        [flowood, "cluster", "up", "--state-dir", str(state), "--num-cpus", "2", "--ray-port", str(free_port()),
+         "--agent-port", str(free_port()),
          "--dashboard-port", str(dashboard), "--mlflow-port", str(tracking)],
         check=True, timeout=300, capture_output=True,
     )

@@ -50,7 +50,7 @@ def test_a_killed_training_resumes_and_registers_one_version_with_the_uninterrup
 ) -> None:
     """Catches a resume that restarts (or retrains an epoch), a second registration, a killed run that
     registers, and any data order, shuffle or random draw that follows Ray's scheduling or the restart
-    instead of the seed: both attempts run while another process eats a CPU, unlike the reference run."""
+    instead of the seed: the killed attempt runs while another process eats a CPU, unlike the reference run."""
     root, uri = reference["root"], reference["uri"]
     storage = root / "ray_results"
     command = [sys.executable, "-m", "flowood_ray.cli", "train", "glow", "--data", str(synth_crops), "--epochs",
@@ -69,10 +69,10 @@ def test_a_killed_training_resumes_and_registers_one_version_with_the_uninterrup
             time.sleep(0.1)
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
-        assert len(list_models()) == before, "the killed run registered a version"
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     finally:
         burner.kill()
+    assert len(list_models()) == before, "the killed run registered a version"
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads(finished.stdout[finished.stdout.index("{"):])
     configure(uri)
