@@ -61,7 +61,10 @@ def _with_labels(videos: pa.Table, labels: pa.Table | None) -> pa.Table:
 
 
 def score_columns(frames: pa.Table) -> list[str]:
-    return [name for name in frames.column_names if name not in NON_SCORE_COLUMNS]
+    names = [name for name in frames.column_names if name not in NON_SCORE_COLUMNS]
+    # `<primary>_p`, the primary's conformal p-value, falls as the score rises: it is the verdict's
+    # reading of that score, not another detector, and its AUROC would only mirror the score's.
+    return [name for name in names if not (name.endswith("_p") and name[:-2] in names)]
 
 
 def _group_of(label: int | None, method: str | None) -> str:

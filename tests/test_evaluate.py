@@ -15,7 +15,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from flowood_ray.cluster.score import read_scores, run_score
-from flowood_ray.evaluate import evaluate, map_sample
+from flowood_ray.evaluate import evaluate, map_sample, score_columns
 from flowood_ray.media.datasets import build_manifest
 from flowood_ray.media.facecrop import crops_to_array
 from flowood_ray.media.sampling import SamplingConfig
@@ -29,6 +29,14 @@ MASK = b"\x01"
 def _frames(rows: list[tuple[str, int, int | None, str | None, bytes | None]]) -> pa.Table:
     names = ["video_id", "frame_index", "label", "method", "mask"]
     return pa.table({name: [row[i] for row in rows] for i, name in enumerate(names)})
+
+
+def test_p_value_columns_are_not_evaluated_as_scores() -> None:
+    """Catches the verdict's p-value column reported as a detector of its own (its AUROC is 1 minus the
+    score's), and a filter so broad that it drops a score whose name merely ends in _p."""
+    frames = pa.table({"video_id": ["a"], "frame_index": [0], "glow_bpd": [1.0], "glow_typicality": [0.5],
+                       "glow_typicality_p": [0.3], "cls_p": [0.2]})
+    assert score_columns(frames) == ["glow_bpd", "glow_typicality", "cls_p"]
 
 
 def test_map_sample_takes_the_middle_frame_of_a_few_videos_per_method() -> None:
