@@ -57,7 +57,7 @@ class Mutation:
 
 SCORERS, CATALOG = "flowood_ray/scoring/scorers.py", "flowood_ray/models/catalog.py"
 CLASSIFIER, RESTORATION = "flowood_ray/models/classifier.py", "flowood_ray/scoring/restoration.py"
-TRAIN_JOB, VQVAE_MODEL = "flowood_ray/cluster/train_job.py", "flowood_ray/models/vqvae.py"
+TRAIN_JOB, VQVAE_MODEL = "flowood_ray/cluster/train_job.py", "flowood_ray/models/vqvae_restore.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # The review's six.

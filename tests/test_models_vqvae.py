@@ -20,9 +20,8 @@ from flowood_ray.models.vqvae import (
     PixelSNAILConfig,
     VectorQuantizer,
     VQVAEConfig,
-    restore,
-    restore_parallel,
 )
+from flowood_ray.models.vqvae_restore import restore, restore_parallel
 
 TINY_VQ = VQVAEConfig(
     image_size=16, hidden_channels=16, res_channels=8, n_res_blocks=1, codebook_size=16, code_dim=4

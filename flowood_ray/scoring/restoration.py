@@ -26,12 +26,12 @@ identical, so the default behaves the same at every crop size.
 Modes, fidelity against cost:
 
 * ``"parallel"``, the default of scoring, the report and Serve
-  (:func:`~flowood_ray.models.vqvae.restore_parallel`). One teacher-forced prior pass over the original
+  (:func:`~flowood_ray.models.vqvae_restore.restore_parallel`). One teacher-forced prior pass over the original
   codes gives each position's distribution given the original codes before it; every position whose
   NLL there exceeds lambda_p (the positions the sample score counts) is redrawn from that
   distribution, all at once, and the S restorations are S independent draws from the same
   distributions. A redrawn code does not condition the later ones.
-* ``"autoregressive"``: :func:`~flowood_ray.models.vqvae.restore`, the reference's exact procedure. In
+* ``"autoregressive"``: :func:`~flowood_ray.models.vqvae_restore.restore`, the reference's exact procedure. In
   raster order each code is judged and redrawn given the codes already restored before it, so a
   restored region is drawn as one coherent sample, and a code that was unlikely only next to an
   anomalous neighbour is kept once that neighbour is restored (while others may become unlikely and be
@@ -69,7 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowood_ray.models.vqvae import VQVAE, PixelSNAIL, restore, restore_parallel
+from flowood_ray.models.vqvae import VQVAE, PixelSNAIL
+from flowood_ray.models.vqvae_restore import restore, restore_parallel
 
 ImageScore = Literal["mean", "top"]
 RestorationMode = Literal["parallel", "autoregressive"]
