@@ -190,7 +190,11 @@ def _prepare_real(out: Path, config: ForgeConfig, video: Footage) -> dict[str, A
     if found.mean() < config.min_face_rate:
         return row | {"status": "no_face", "reason": f"face mesh in {found.mean():.0%} of {len(frames)} frames "
                       f"(needs {config.min_face_rate:.0%})", "seconds": time.perf_counter() - start}
-    encode_video(frames, real_path(out, config.quality, video.vid), config.crf, fps)
+    original = real_path(out, config.quality, video.vid)
+    # Files appear under their final name only once complete: a run killed between the original and its
+    # landmarks left a finished original, which this (deterministic) encode would only write again.
+    if not original.exists():
+        encode_video(frames, original, config.crf, fps)
     landmarks.parent.mkdir(parents=True, exist_ok=True)
     tmp = landmarks.with_name(f".{landmarks.stem}.tmp.npz")
     np.savez(tmp, points=points, found=found, fps=fps)
@@ -208,7 +212,8 @@ def _forge_target(out: Path, config: ForgeConfig, target: Footage, source: Foota
     start = time.perf_counter()
     cv2.setNumThreads(1)
     name = f"{target.vid}_{source.vid}"
-    todo = [m for m in config.methods if not fake_path(out, m, config.quality, name).exists()]
+    todo = [m for m in config.methods
+            if not (fake_path(out, m, config.quality, name).exists() and mask_path(out, m, name).exists())]
     rows = {m: {"kind": "fake", "id": name, "method": m, "target": target.vid, "source": source.vid,
                 "split": split, "status": "ok", "resumed": m not in todo} for m in config.methods}
     if todo:
@@ -234,8 +239,11 @@ def _forge_target(out: Path, config: ForgeConfig, target: Footage, source: Foota
             if not manipulated:
                 rows[method].update(status="no_face", reason=f"{method} found no face region to change")
                 continue
-            encode_video(masks, mask_path(out, method, name), MASK_CRF, fps)
-            encode_video(fake, fake_path(out, method, config.quality, name), config.crf, fps)
+            # A run killed between the two files left one of them finished; it is not written again.
+            for frames_out, path, crf in ((masks, mask_path(out, method, name), MASK_CRF),
+                                          (fake, fake_path(out, method, config.quality, name), config.crf)):
+                if not path.exists():
+                    encode_video(frames_out, path, crf, fps)
     seconds = time.perf_counter() - start
     return {"rows": [r | {"seconds": seconds / len(rows)} for r in rows.values()], "seconds": seconds}
 
