@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from flowood_ray.media.manifest import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from flowood_ray.media.seeking import PacketIndex
 
 log = logging.getLogger(__name__)
 
@@ -328,21 +329,108 @@ def _iter_frames_pyav(
     path: Path, info: MediaInfo, wanted: list[int] | None, outcome: DecodeOutcome, threads: int
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     outcome.backend = "pyav"
+    if wanted is not None and wanted[-1] + 1 > len(wanted):
+        try:
+            with _open_video(path) as container:
+                index = PacketIndex.read(container)
+        except (av.error.FFmpegError, OSError) as exc:
+            log.debug("%s: no packet index (%s); decoding sequentially", path, exc)
+            index = None
+        if index is not None:
+            outcome.backend = "pyav-seek"
+            wanted = yield from _decode_seeking(path, info, index, wanted, outcome, threads)
+            if not wanted:
+                return
+            log.warning("%s: a frame's timestamp is not among the packets'; decoding the rest sequentially", path)
+            outcome.backend = "pyav"
+    yield from _decode_sequential(path, info, wanted, outcome, threads)
+
+
+def _decoding(container: av.container.InputContainer, threads: int) -> av.video.stream.VideoStream:
+    stream = container.streams.video[0]
+    stream.codec_context.options = _FFMPEG_LIMITS
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    return stream
+
+
+def _rgb(frame: av.VideoFrame, index: int, fps: float) -> tuple[int, float, np.ndarray]:
+    timestamp = float(frame.time) if frame.time is not None else index / max(fps, 1e-9)
+    return index, timestamp, frame.to_ndarray(format="rgb24")
+
+
+def _end_check(path: Path, reached: int, expected: int, outcome: DecodeOutcome) -> None:
+    """FFmpeg conceals corrupt packets by dropping frames silently; a stream that ends well short of the
+    frames asked for is a failure mid-way. A frame or 1% of slack absorbs containers whose counts are
+    estimates."""
+    if expected - reached > max(1, expected // 100):
+        outcome.error = f"stream ended after {reached} of {expected} frames (corrupt or truncated data)"
+        log.warning("%s: %s", path, outcome.error)
+
+
+def _decode_seeking(
+    path: Path, info: MediaInfo, index: PacketIndex, wanted: list[int], outcome: DecodeOutcome, threads: int
+) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield the wanted frames, seeking to the keyframe before each one the decoder would otherwise reach
+    only by decoding frames nobody wants. Returns the wanted indices not yielded when a decoded frame's
+    timestamp is not in the index (the caller decodes those sequentially), else []."""
+    want = set(wanted)
+    decoded_to = -1
+    try:
+        with _open_video(path) as container:
+            stream = _decoding(container, threads)
+            frames = None
+            for target in wanted:
+                if target <= decoded_to:
+                    continue
+                keyframe = index.seek_target(decoded_to, target)
+                landing = keyframe
+                if keyframe is not None:
+                    container.seek(int(index.pts[keyframe]), stream=stream, backward=True, any_frame=False)
+                    frames = None
+                if frames is None:
+                    frames = container.decode(stream)
+                for frame in frames:
+                    i = index.index_of(frame.pts)
+                    if i is None:
+                        return sorted(want)
+                    # After a seek into an open GOP, frames shown before the keyframe may come out too: they
+                    # reference frames the decoder never saw, so they are neither yielded nor counted.
+                    if keyframe is not None and i < keyframe:
+                        continue
+                    if landing is not None:
+                        # A decoder started on a frame it cannot decode skips ahead silently: the index lied.
+                        if i != landing:
+                            return sorted(want)
+                        landing = None
+                    if i in want:
+                        want.discard(i)
+                        outcome.frames_decoded += 1
+                        yield _rgb(frame, i, info.fps)
+                    decoded_to = max(decoded_to, i)
+                    if i >= target:
+                        break
+    except (av.error.FFmpegError, OSError) as exc:
+        outcome.error = f"decoder failed after frame {decoded_to}: {exc}"
+        log.warning("%s: %s", path, outcome.error)
+        return []
+    _end_check(path, decoded_to + 1, wanted[-1] + 1, outcome)
+    return []
+
+
+def _decode_sequential(
+    path: Path, info: MediaInfo, wanted: list[int] | None, outcome: DecodeOutcome, threads: int
+) -> Iterator[tuple[int, float, np.ndarray]]:
     last = wanted[-1] if wanted else None
     want = set(wanted) if wanted is not None else None
     index = 0
     try:
         with _open_video(path) as container:
-            stream = container.streams.video[0]
-            stream.codec_context.options = _FFMPEG_LIMITS
-            stream.thread_type = "AUTO"
-            stream.codec_context.thread_count = threads
+            stream = _decoding(container, threads)
             for frame in container.decode(stream):
                 if want is None or index in want:
-                    timestamp = float(frame.time) if frame.time is not None else index / max(info.fps, 1e-9)
-                    rgb = frame.to_ndarray(format="rgb24")
                     outcome.frames_decoded += 1
-                    yield index, timestamp, rgb
+                    yield _rgb(frame, index, info.fps)
                 index += 1
                 if last is not None and index > last:
                     break
@@ -350,13 +438,7 @@ def _iter_frames_pyav(
         outcome.error = f"decoder failed after {index} frames: {exc}"
         log.warning("%s: %s", path, outcome.error)
         return
-    # FFmpeg conceals corrupt packets by dropping frames silently; a stream that ends well short
-    # of its container's frame count is a failure mid-way. A frame or 1% of slack absorbs
-    # containers whose counts are estimates.
-    expected = (last + 1) if last is not None else info.frame_count
-    if expected - index > max(1, expected // 100):
-        outcome.error = f"stream ended after {index} of {expected} frames (corrupt or truncated data)"
-        log.warning("%s: %s", path, outcome.error)
+    _end_check(path, index, (last + 1) if last is not None else info.frame_count, outcome)
 
 
 def _iter_frames_opencv(

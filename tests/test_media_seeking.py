@@ -1,0 +1,144 @@
+"""Seeking to keyframes yields exactly the frames sequential decoding does, and skips the decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from flowood_ray.media import decode
+from flowood_ray.media.decode import DecodeOutcome, iter_frames, probe
+from flowood_ray.media.seeking import PacketIndex
+
+
+def _moving_frames(count: int, side: int = 96) -> list[np.ndarray]:
+    """Frames that differ from each other, so that a frame yielded under the wrong index is caught."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
+    return [np.roll(base, 3 * i, axis=1) for i in range(count)]
+
+
+def _encode(path: Path, frames: list[np.ndarray], codec: str, options: dict[str, str]) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=25, options=options)
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _sequential(path: Path, wanted: list[int]) -> list[tuple[int, np.ndarray]]:
+    info = probe(path)
+    every = list(iter_frames(path, info, None, DecodeOutcome()))
+    return [(i, rgb) for i, _, rgb in every if i in set(wanted)]
+
+
+@pytest.mark.parametrize(
+    ("codec", "options", "name"),
+    [
+        # H.264 with B-frames: display order differs from decode order.
+        ("libx264", {"g": "8", "keyint_min": "8", "bf": "2", "sc_threshold": "0"}, "v.mp4"),
+        # MPEG-2 with B-frames and open GOPs, as in older broadcast archives: after a seek the decoder
+        # may emit frames shown before the keyframe, which must not be taken for wanted ones.
+        ("mpeg2video", {"g": "6", "bf": "2"}, "v.mkv"),
+    ],
+)
+def test_seeking_yields_the_frames_and_indices_of_sequential_decoding(
+    tmp_path: Path, codec: str, options: dict[str, str], name: str
+) -> None:
+    path = _encode(tmp_path / name, _moving_frames(64), codec, options)
+    wanted = [1, 14, 15, 30, 47, 63]
+    outcome = DecodeOutcome()
+    sought = list(iter_frames(path, probe(path), wanted, outcome))
+    assert outcome.backend == "pyav-seek" and outcome.error is None and outcome.frames_decoded == len(wanted)
+    expected = _sequential(path, wanted)
+    assert [i for i, _, _ in sought] == [i for i, _ in expected] == wanted
+    for (_, _, got), (_, want) in zip(sought, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+class _CountingContainer:
+    """A PyAV container that records every frame its decoder outputs."""
+
+    def __init__(self, container: av.container.InputContainer, decoded: list[int]) -> None:
+        self._container, self._decoded = container, decoded
+
+    def __enter__(self) -> _CountingContainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._container.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._container, name)
+
+    def decode(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        for frame in self._container.decode(*args, **kwargs):
+            self._decoded.append(frame.pts)
+            yield frame
+
+
+def test_a_program_stream_is_decoded_sequentially(tmp_path: Path) -> None:
+    """MPEG-PS flags P-frames as keyframes; seeking there would start the decoder on a P-frame."""
+    path = _encode(tmp_path / "v.mpg", _moving_frames(40), "mpeg2video", {"g": "6", "bf": "2"})
+    wanted = [2, 21, 38]
+    outcome = DecodeOutcome()
+    frames = list(iter_frames(path, probe(path), wanted, outcome))
+    assert outcome.backend == "pyav" and outcome.error is None
+    assert [i for i, _, _ in frames] == wanted
+    for (_, _, got), (_, want) in zip(frames, _sequential(path, wanted)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_seek_that_lands_off_its_keyframe_falls_back_to_sequential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trusting the program stream's flags anyway: the decoder, started on a P-frame, skips ahead, and
+    the frames must still come out right."""
+    from flowood_ray.media import seeking
+
+    monkeypatch.setattr(seeking, "SEEKABLE_FORMATS", seeking.SEEKABLE_FORMATS | {"mpeg"})
+    path = _encode(tmp_path / "v.mpg", _moving_frames(40), "mpeg2video", {"g": "6", "bf": "2"})
+    wanted = [2, 21, 38]
+    outcome = DecodeOutcome()
+    frames = list(iter_frames(path, probe(path), wanted, outcome))
+    assert outcome.backend == "pyav" and outcome.error is None
+    assert [i for i, _, _ in frames] == wanted
+    for (_, _, got), (_, want) in zip(frames, _sequential(path, wanted)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_seeking_decodes_fewer_frames_than_sequential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _encode(tmp_path / "v.mp4", _moving_frames(80), "libx264",
+                   {"g": "10", "keyint_min": "10", "bf": "0", "sc_threshold": "0"})
+    decoded: list[int] = []
+    real_open = decode._open_video
+    monkeypatch.setattr(decode, "_open_video", lambda p: _CountingContainer(real_open(p), decoded))
+    frames = list(iter_frames(path, probe(path), [5, 45, 75], DecodeOutcome()))
+    assert [i for i, _, _ in frames] == [5, 45, 75]
+    # From keyframes 0, 40 and 70: 6 + 6 + 6 frames, against 76 sequentially.
+    assert len(decoded) == 18
+
+
+def test_packet_index_seek_targets() -> None:
+    index = PacketIndex(pts=np.arange(0, 300, 10, dtype=np.int64), keyframes=np.array([0, 8, 16, 24]))
+    assert index.index_of(80) == 8 and index.index_of(85) is None and index.index_of(None) is None
+    assert index.seek_target(-1, 3) is None  # the decoder starts at frame 0 anyway
+    assert index.seek_target(-1, 10) == 8
+    assert index.seek_target(9, 12) is None  # decoding on from 10 is cheaper than a seek back to 8
+    assert index.seek_target(6, 12) == 8 and index.seek_target(7, 12) is None  # 8 comes next either way
+    assert index.seek_target(12, 29) == 24
+
+
+def test_packet_index_of_an_encoded_file(tmp_path: Path) -> None:
+    path = _encode(tmp_path / "v.mp4", _moving_frames(12), "libx264", {"g": "4"})
+    with av.open(str(path)) as container:
+        index = PacketIndex.read(container)
+    assert index is not None and len(index.pts) == 12 and index.keyframes[0] == 0
+    assert np.all(np.diff(index.pts) > 0)
