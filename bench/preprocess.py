@@ -6,7 +6,15 @@
   (c2) the same with 2 CPUs
 
 All frames are sampled and the detector runs every 5th frame, as in the issue's target.
-Usage: python bench/preprocess.py [--archive DIR] [--workdir bench_out/preprocess]
+
+--resolution 720 first re-encodes the videos (the first --videos of --archive, e.g. ../shared/realfaces, or
+the synthetic ones) to 720-line H.264 at their own frame rate, as archive footage is.
+
+--lengths 10 60 then measures the cost per video at the scoring default of 32 evenly spaced frames, on
+videos of those lengths made from the same clips, with x264's default GOP (250 frames) and with a 2 s GOP:
+sequential decoding of the 32 frames, decoding with keyframe seeking (what the pipeline does), and the whole
+crop step (seeking decode + detect + align + crop).
+Usage: python bench/preprocess.py [--archive DIR] [--resolution 720] [--lengths 10 60] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import synthetic_archive  # noqa: E402
+from common import reencode, synthetic_archive  # noqa: E402
 
 from flowood_ray.cluster.preprocess import run_preprocess
+from flowood_ray.media import decode
 from flowood_ray.media.datasets import build_manifest
 from flowood_ray.media.decode import DecodeOutcome, iter_frames, probe
+from flowood_ray.media.manifest import VIDEO_EXTENSIONS
+from flowood_ray.media.sampling import sample_indices
 from flowood_ray.media.faces import CropConfig
 from flowood_ray.media.facecrop import VideoCropper
 from flowood_ray.media.sampling import SamplingConfig
@@ -68,15 +79,59 @@ def ray_pipeline(manifest, out: Path, cpus: int) -> tuple[int, float]:
     return int(sum(videos.column("frames_decoded").to_pylist())), elapsed
 
 
+def source_videos(archive: Path, count: int) -> list[Path]:
+    videos = sorted(p for p in archive.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith("."))
+    if not videos:
+        raise SystemExit(f"{archive} holds no video files")
+    return videos[:count]
+
+
+def at_resolution(sources: list[Path], out: Path, lines: int) -> Path:
+    for i, source in enumerate(sources):
+        reencode(source, out / f"{i:03d}_{source.stem}.mp4", lines)
+    return out
+
+
+def cost_per_video(sources: list[Path], workdir: Path, lines: int, seconds: float, keyint: int | None
+                   ) -> dict[str, float]:
+    """Seconds per video at 32 evenly spaced frames: sequential decode, seeking decode, and the crop step."""
+    tag = f"{lines}p-{seconds:g}s-gop{keyint or 'default'}"
+    videos = [reencode(s, workdir / "lengths" / tag / f"{i:03d}.mp4", lines, seconds, keyint)
+              for i, s in enumerate(sources)]
+    sampling = SamplingConfig(num_frames=32)
+    cropper = VideoCropper(sampling, CROP.model_copy(update={"detect_every": 1}))
+    totals = {"sequential decode": 0.0, "seeking decode": 0.0, "crop step": 0.0}
+    for video in videos:
+        info = probe(video)
+        wanted = sample_indices(info.frame_count, sampling)
+        start = time.perf_counter()
+        list(decode._decode_sequential(video, info, wanted, DecodeOutcome(), 0))
+        totals["sequential decode"] += time.perf_counter() - start
+        start = time.perf_counter()
+        list(iter_frames(video, info, wanted, DecodeOutcome()))
+        totals["seeking decode"] += time.perf_counter() - start
+        start = time.perf_counter()
+        cropper.process({"video_id": video.stem, "path": str(video)}, lambda table: None)
+        totals["crop step"] += time.perf_counter() - start
+    cropper.close()
+    return {k: v / len(videos) for k, v in totals.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, help="an existing archive (default: a synthetic one)")
     parser.add_argument("--workdir", type=Path, default=Path("bench_out/preprocess"))
     parser.add_argument("--frames", type=int, default=192, help="frames per synthetic video; long enough that "
                         "actor start-up (MediaPipe, imports) is amortised as it is on a real archive")
+    parser.add_argument("--resolution", type=int, help="re-encode the videos to this many lines first")
+    parser.add_argument("--videos", type=int, default=12, help="videos of --archive used with --resolution")
+    parser.add_argument("--lengths", type=float, nargs="+", help="seconds: cost per video at 32 sampled frames")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     archive = args.archive or synthetic_archive(args.workdir, identities=6, frames=args.frames)
+    if args.resolution:
+        sources = source_videos(archive, args.videos)
+        archive = at_resolution(sources, args.workdir / f"archive{args.resolution}p", args.resolution)
     manifest = build_manifest(archive)
     rows = manifest.to_pylist()
     print(f"archive: {archive} ({len(rows)} videos)")
@@ -94,6 +149,21 @@ def main() -> None:
     print(f"b/a   = {fps['b'] / fps['a']:.3f}   (cost of detection, tracking and alignment)")
     print(f"c2/a  = {fps['c2'] / fps['a']:.3f}   (target >= 0.5)")
     print(f"c2/c1 = {fps['c2'] / fps['c1']:.3f}   (scaling from 1 to 2 CPUs)")
+    if args.lengths:
+        lengths_report(source_videos(archive, 3), args.workdir, args.resolution or 720, args.lengths)
+
+
+def lengths_report(sources: list[Path], workdir: Path, lines: int, lengths: list[float]) -> None:
+    fps = probe(sources[0]).fps
+    print(f"\ncost per video at 32 evenly spaced frames, {lines}p, mean of {len(sources)} videos (s):")
+    for keyint, name in ((None, "x264 default GOP (250 frames)"), (round(2 * fps), "2 s GOP")):
+        costs = {seconds: cost_per_video(sources, workdir, lines, seconds, keyint) for seconds in lengths}
+        print(f"  {name}:")
+        for seconds, cost in costs.items():
+            print(f"    {seconds:5g} s videos: " + "  ".join(f"{k} {v:6.3f}" for k, v in cost.items()))
+        longest, shortest = costs[max(lengths)], costs[min(lengths)]
+        print("    ratio longest/shortest: " + "  ".join(f"{k} {longest[k] / shortest[k]:.2f}" for k in longest)
+              + "   (target for the crop step <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 forged and real clips of other people.
 
 1. `flowood forge` the real clips (default ../shared/realfaces with its people.csv): the four FF++
-   families with masks, splits by person;
+   families with masks, splits by person; or, with --archive, an archive made already (a forge output,
+   or the synthetic benchmark of `flowood synth`, whose drawn identities are its people);
 2. crop every split (face meshes kept for the blend family);
 3. train and register each family on the train people (real clips only; the supervised classifier
    also sees the train people's forgeries), calibrated on the val people's real clips;
@@ -19,7 +20,6 @@ writes redteam.json. Usage: python bench/redteam.py [--realfaces DIR] [--work DI
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -49,7 +49,7 @@ from flowood_ray.registry import configure, load_registered  # noqa: E402
 from flowood_ray.scoring.calibration import Calibration, calibrate  # noqa: E402
 from flowood_ray.scoring.metrics import evaluate_table  # noqa: E402
 from flowood_ray.scoring.scorers import build_scorer, score_videos  # noqa: E402
-from redteam_glow import held_out_pairs, make_transfers, score_transfers  # noqa: E402
+from redteam_glow import archive_people, held_out_pairs, make_transfers, score_transfers  # noqa: E402
 
 log = logging.getLogger("redteam")
 _DEMO = DemoConfig()
@@ -153,10 +153,6 @@ def flag_rates(videos: pa.Table, frames: pa.Table, calibration: dict[str, Any]) 
     return rates
 
 
-def test_people(forged: Path) -> dict[str, str]:
-    """Forged-archive video stem -> person, for the test split's real clips (from forge_summary.csv)."""
-    with open(forged / "forge_summary.csv", newline="") as f:
-        return {r["id"]: r["person"] for r in csv.DictReader(f) if r["kind"] == "real" and r["split"] == "test"}
 
 
 def recalibrated_rates(frames: pa.Table, videos_of: dict[str, str], people: dict[str, str],
@@ -211,6 +207,8 @@ def markdown(rows: list[dict[str, Any]], rates: dict[str, dict[str, float]]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--realfaces", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "realfaces")
+    parser.add_argument("--archive", type=Path, help="judge on an existing archive split by person instead of "
+                        "forging --realfaces: `flowood forge` output or a synthetic benchmark (`flowood synth`)")
     parser.add_argument("--work", type=Path, default=Path("bench_out/redteam"))
     parser.add_argument("--families", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--clip-seconds", type=float, default=4.0)
@@ -223,14 +221,15 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     configure(f"sqlite:///{work / 'mlflow.db'}")
-    forged = forge_step(args.realfaces.resolve(), work, args.clip_seconds, args.workers)
+    forged = args.archive.resolve() if args.archive else forge_step(args.realfaces.resolve(), work, args.clip_seconds,
+                                                                    args.workers)
     crops = crop_step(forged, work, args.crop_size, args.frames, args.workers)
     rows: list[dict[str, Any]] = []
     rates: dict[str, dict[str, float]] = {}
     summaries: dict[str, dict[str, Any]] = {}
     recalibration: dict[str, dict[str, Any]] = {}
     pixels: dict[str, dict[str, Any]] = {}
-    people = test_people(forged)
+    people = archive_people(forged)
     videos_of = {r["video_id"]: r["path"] for r in read_videos(crops).select(["video_id", "path"]).to_pylist()}
     for family in args.families:
         epochs, configs = RECIPES[family]

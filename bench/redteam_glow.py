@@ -27,9 +27,21 @@ from flowood_ray.scoring.scorers import build_scorer, score_videos
 VARIANTS = ("linear", "variance")
 
 
-def held_out_pairs(crops: Path, forged: Path) -> list[tuple[str, str]]:
+def archive_people(archive: Path) -> dict[str, str]:
+    """Real video file stem -> person, from a forge output's forge_meta.json or a synthetic benchmark's
+    synth_meta.json (whose drawn identities are its people)."""
+    if (archive / "forge_meta.json").exists():
+        videos = json.loads((archive / "forge_meta.json").read_text())["videos"]
+        return {vid: meta["person"] for vid, meta in videos.items()}
+    if (archive / "synth_meta.json").exists():
+        videos = json.loads((archive / "synth_meta.json").read_text())["videos"]
+        return {vid: f"identity-{meta['identity']}" for vid, meta in videos.items()}
+    raise FileNotFoundError(f"{archive} has neither forge_meta.json nor synth_meta.json: who is in it is unknown")
+
+
+def held_out_pairs(crops: Path, archive: Path) -> list[tuple[str, str]]:
     """(target, source) crop video ids: each test real clip with the next test clip of another person."""
-    people = {vid: meta["person"] for vid, meta in json.loads((forged / "forge_meta.json").read_text())["videos"].items()}
+    people = archive_people(archive)
     reals = read_videos(crops).filter((pc.field("split") == "test") & (pc.field("label") == 0) & (pc.field("faces") > 0))
     clips = sorted((Path(r["path"]).stem, r["video_id"]) for r in reals.to_pylist())
     pairs = []
