@@ -13,8 +13,13 @@ forged and real clips of other people.
 5. recalibrate on reference reals of the test domain: half the test people's real frames recalibrate
    the primary score, and the other half's are measured against the old and new thresholds.
 
+6. with --leave-one-out, the supervised classifier once more per method, trained without that method's
+   fakes: the AUROC it keeps on the method it never saw, with and without its abnormality module, and
+   noisy-OR'd with the blend detector's score.
+
 Steps are cached in the work directory, so a rerun skips what is done. Prints Markdown tables and
-writes redteam.json. Usage: python bench/redteam.py [--realfaces DIR] [--work DIR] [--families ...]
+writes redteam.json. Usage: python bench/redteam.py [--realfaces DIR | --archive DIR] [--work DIR]
+[--families ...] [--recipe FAMILY=EPOCHS[xSIZE] ...] [--leave-one-out]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -81,16 +87,29 @@ def crop_step(forged: Path, work: Path, crop_size: int, frames: int, workers: in
     return crops
 
 
+def recipe(family: str, overrides: dict[str, str]) -> tuple[int, dict[str, Any], str]:
+    """(epochs, model configs, cache tag) of a family: RECIPES, with --recipe FAMILY=EPOCHS[xSIZE] applied
+    (SIZE is the input side of the family's network; the tag keeps a changed recipe's model apart)."""
+    epochs, configs = RECIPES[family]
+    if family not in overrides:
+        return epochs, configs, ""
+    epochs_text, _, size = overrides[family].partition("x")
+    main = next(iter(configs))
+    configs = {**configs, main: {**configs[main], **({"image_size": int(size)} if size else {})}}
+    return int(epochs_text), configs, f"-e{epochs_text}" + (f"-s{size}" if size else "")
+
+
 def train_step(crops: Path, work: Path, family: str, epochs: int, configs: dict[str, Any], workers: int,
-               seed: int) -> dict[str, Any]:
+               seed: int, tag: str = "", fake_methods: list[str] | None = None) -> dict[str, Any]:
     """Train and register once; the summary is cached so that a rerun reuses the registered version."""
-    cache = work / "trained" / f"{family}-seed{seed}.json"
+    cache = work / "trained" / f"{family}{tag}-seed{seed}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     started = time.perf_counter()
     summary = train_and_register(
-        crops, TrainConfig(family=family, epochs=epochs, batch_size=32, workers=workers, seed=seed), configs,
-        f"redteam-{family}-seed{seed}", work / "ray_results", f"sqlite:///{work / 'mlflow.db'}",
+        crops, TrainConfig(family=family, epochs=epochs, batch_size=32, workers=workers, seed=seed,
+                           fake_methods=fake_methods), configs,
+        f"redteam-{family}{tag}-seed{seed}", work / "ray_results", f"sqlite:///{work / 'mlflow.db'}",
     )
     summary = {k: v for k, v in summary.items() if k != "calibration"} | {"train_seconds": time.perf_counter() - started}
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +235,10 @@ def main() -> None:
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--recipe", nargs="*", default=[], metavar="FAMILY=EPOCHS[xSIZE]",
+                        help="change a family's recipe, e.g. classifier=3x64 (3 epochs at 64 px)")
+    parser.add_argument("--leave-one-out", action="store_true", help="with the classifier in --families: train it "
+                        "once more per method without that method's fakes, and judge it on the method it never saw")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = args.work.resolve()
@@ -231,10 +254,13 @@ def main() -> None:
     pixels: dict[str, dict[str, Any]] = {}
     people = archive_people(forged)
     videos_of = {r["video_id"]: r["path"] for r in read_videos(crops).select(["video_id", "path"]).to_pylist()}
+    overrides = dict(item.split("=", 1) for item in args.recipe)
+    video_scores: dict[str, pa.Table] = {}
     for family in args.families:
-        epochs, configs = RECIPES[family]
-        summary = summaries[family] = train_step(crops, work, family, epochs, configs, args.workers, args.seed)
+        epochs, configs, tag = recipe(family, overrides)
+        summary = summaries[family] = train_step(crops, work, family, epochs, configs, args.workers, args.seed, tag)
         videos, frames, calibration = score_test_split(crops, summary["name"], summary["version"])
+        video_scores[family] = videos
         scores = [c for c in videos.column_names if c not in ("video_id", "label", "method")]
         rows += [r | {"family": family} for r in evaluate_table(videos, "video", scores, n_boot=200)]
         rows += [r | {"family": family} for r in evaluate_table(frames, "frame", scores, n_boot=100)]
@@ -243,6 +269,12 @@ def main() -> None:
         if build_scorer(load_registered(f"models:/{summary['name']}/{summary['version']}")).map_name:
             pixels[family] = pixel_metrics(crops, summary["name"], summary["version"])
         log.info("%s: %s", family, json.dumps(rates[family]))
+    unseen: list[dict[str, Any]] = []
+    if args.leave_one_out:
+        if "classifier" not in video_scores:
+            parser.error("--leave-one-out needs the classifier in --families")
+        epochs, configs, tag = recipe("classifier", overrides)
+        unseen = leave_one_out(crops, work, epochs, configs, tag, args, video_scores)
     glow: dict[str, dict[str, float]] = {}
     if "glow" in summaries:
         uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -250,7 +282,8 @@ def main() -> None:
         transfers = make_transfers(crops, glow_uri, uri, held_out_pairs(crops, forged))
         glow = {family: score_transfers(transfers, s["name"], s["version"]) for family, s in summaries.items()}
     (work / "redteam.json").write_text(json.dumps({"auroc": rows, "flag_rates": rates, "recalibration": recalibration,
-                                                  "pixel_metrics": pixels, "glow_transfers": glow},
+                                                  "pixel_metrics": pixels, "glow_transfers": glow,
+                                                  "leave_one_out": unseen},
                                                   indent=1, default=str))
     print(markdown(rows, rates))
     print("\nHeld-out real frames flagged before / after recalibration on the other test people's real frames "
@@ -275,6 +308,49 @@ def main() -> None:
                   f"{g['variance_video_flagged']:.2f} / {g['variance_frame_flagged']:.2f} | "
                   f"{g['reconstruction_video_flagged']:.2f} / {g['reconstruction_frame_flagged']:.2f} | "
                   f"{g['linear_auroc_vs_reconstruction']:.2f} | {g['variance_auroc_vs_reconstruction']:.2f} |")
+
+    if unseen:
+        print("\nLeave one method out: video AUROC on the method the classifier never saw (its fakes against "
+              "the test reals), beside the classifier that saw every method, and the noisy-OR with the blend "
+              "detector's score:\n")
+        columns = list(unseen[0]["auroc"])
+        print("| unseen method | " + " | ".join(columns) + " |\n|" + " --- |" * (1 + len(columns)))
+        for row in unseen:
+            print(f"| {row['method']} | " + " | ".join(f"{row['auroc'][c]:.2f}" for c in columns) + " |")
+
+
+def noisy_or(*logits: np.ndarray) -> np.ndarray:
+    """-log P(no detector fires) of detectors read as independent, from their fake log-odds: a monotone form
+    of 1 - prod(1 - p_i), as the classifier's own fake-or-abnormal score."""
+    return sum(np.logaddexp(0.0, x) for x in logits)
+
+
+def leave_one_out(crops: Path, work: Path, epochs: int, configs: dict[str, Any], tag: str, args: argparse.Namespace,
+                  video_scores: dict[str, pa.Table]) -> list[dict[str, Any]]:
+    """Per method: the classifier trained without that method's fakes, judged on that method's test fakes
+    against the test reals, with and without its abnormality module, and noisy-OR'd with the blend detector;
+    beside the same scores of the classifier that saw every method."""
+    methods = sorted(set(video_scores["classifier"].column("method").to_pylist()) - {"real"})
+    blend = video_scores.get("blend")
+    rows = []
+    for method in methods:
+        summary = train_step(crops, work, "classifier", epochs, configs, args.workers, args.seed,
+                             f"{tag}-minus-{method}", [m for m in methods if m != method])
+        held_out, _, _ = score_test_split(crops, summary["name"], summary["version"])
+        auroc: dict[str, float] = {}
+        for name, table in (("saw it", video_scores["classifier"]), ("unseen", held_out)):
+            subset = table.filter(pc.field("method").isin(["real", method]))
+            labels = subset.column("label").to_numpy()
+            scores = {s: subset.column(s).to_numpy() for s in ("cls_fake", "cls_abnormality", "cls_fake_or_abnormal")}
+            if blend is not None:
+                blend_of = dict(zip(blend.column("video_id").to_pylist(), blend.column("blend_fake").to_numpy()))
+                blend_scores = np.array([blend_of[v] for v in subset.column("video_id").to_pylist()])
+                scores["noisy-OR(cls_fake, blend_fake)"] = noisy_or(scores["cls_fake"], blend_scores)
+            for score, values in scores.items():
+                auroc[f"{score}, {name}"] = float(roc_auc_score(labels, values))
+        rows.append({"method": method, "auroc": auroc, "classifier": summary["name"], "version": summary["version"]})
+        log.info("leave out %s: %s", method, json.dumps(auroc))
+    return rows
 
 
 if __name__ == "__main__":

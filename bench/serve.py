@@ -4,11 +4,14 @@
   c1/c8/c32 POST /v1/score/image at concurrency 1, 8 and 32 against a local Serve on 127.0.0.1:
             p50/p95/p99 latency and requests/s
   overhead  Serve p50 at concurrency 1 minus the bare time per image
+  floor     p50 of GET /healthz, which does no work: what HTTP, the Serve proxy and the replica cost alone
   heatmaps  against a VQ-VAE (the demo's configuration): p50 of plain requests and of `?heatmap=1`
             requests for the same image, one at a time; then heatmap requests one after another while
             plain requests run beside them, and the p50 of those plain requests (a replica that let
             heatmaps block scoring would show the heatmap latency there)
   --load    2,000 requests at concurrency 16; counts errors by kind
+  --replicas 2  redeploys with that many replicas and measures concurrency 32 again: requests/s beside
+            the one-replica figure (each replica owns one CPU; the client shares the machine)
 
 The image is a real photo (scikit-image's astronaut) as a 320x240 JPEG. A small Glow and a small
 VQ-VAE are trained on a synthetic benchmark and registered first (not timed), unless --model and
@@ -98,8 +101,8 @@ def bare_seconds(uri: str, data: bytes, repeats: int) -> tuple[float, float]:
     return statistics.median(total[WARMUP:]), statistics.median(scoring[WARMUP:])
 
 
-async def hammer(url: str, data: bytes, headers: dict[str, str], requests: int, concurrency: int
-                 ) -> tuple[list[float], Counter[str], float]:
+async def hammer(url: str, data: bytes, headers: dict[str, str], requests: int, concurrency: int,
+                 method: str = "POST") -> tuple[list[float], Counter[str], float]:
     """Latencies of successful requests, outcomes by status or exception, wall seconds."""
     latencies: list[float] = []
     outcomes: Counter[str] = Counter()
@@ -111,7 +114,7 @@ async def hammer(url: str, data: bytes, headers: dict[str, str], requests: int, 
             for _ in remaining:
                 start = time.perf_counter()
                 try:
-                    response = await client.post(url, content=data, headers=headers)
+                    response = await client.request(method, url, content=data or None, headers=headers)
                 except httpx.HTTPError as exc:
                     outcomes[type(exc).__name__] += 1
                     continue
@@ -210,6 +213,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="measured requests per concurrency level")
     parser.add_argument("--heatmaps", type=int, default=8, help="heatmap requests per heatmap measurement")
     parser.add_argument("--bare-repeats", type=int, default=100, help="timed in-process repeats")
+    parser.add_argument("--replicas", type=int, default=0, help="also measure concurrency 32 with this many replicas")
     parser.add_argument("--load", action="store_true", help=f"also send {LOAD_REQUESTS} requests at "
                         f"concurrency {LOAD_CONCURRENCY} and count errors")
     args = parser.parse_args()
@@ -245,16 +249,20 @@ def main() -> None:
         columns = ("concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s")
         print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (11, 8, 6, 8, 8, 8, 7))))
         serve_p50 = float("nan")
+        rates: dict[int, float] = {}
         for concurrency in CONCURRENCY:
             latencies, outcomes, wall = asyncio.run(hammer(url, data, headers, args.requests, concurrency))
             p50, p95, p99 = percentiles_ms(latencies)
             errors = args.requests - outcomes["200"]
+            rates[concurrency] = outcomes["200"] / wall
             print(f"{concurrency:>11} {args.requests:>8} {errors:>6} {p50:8.1f} {p95:8.1f} {p99:8.1f} "
                   f"{args.requests / wall:7.1f}")
             if concurrency == 1:
                 serve_p50 = p50
         print(f"overhead of Serve + HTTP at concurrency 1: {serve_p50 - bare * 1000:.1f} ms per request "
               f"(p50 {serve_p50:.1f} ms vs bare {bare * 1000:.1f} ms)")
+        floor = asyncio.run(hammer(url.replace("/v1/score/image", "/healthz"), b"", {}, args.requests, 1, "GET"))[0]
+        print(f"floor: GET /healthz (no body, no work) p50 {percentiles_ms(floor)[0]:.1f} ms at concurrency 1")
         if heatmap_model:
             heatmap_phase(url, data, headers, heatmap_model, args.requests, args.heatmaps)
         if args.load:
@@ -264,6 +272,14 @@ def main() -> None:
             print(f"load: {LOAD_REQUESTS} requests at concurrency {LOAD_CONCURRENCY} in {wall:.1f} s "
                   f"({LOAD_REQUESTS / wall:.1f} req/s), p50/p95/p99 {p50:.1f}/{p95:.1f}/{p99:.1f} ms, "
                   f"errors: {sum(errors.values())} {errors or ''}")
+        if args.replicas:
+            run_server([model, *([heatmap_model] if heatmap_model else [])], host="127.0.0.1", port=port,
+                       tracking_uri=tracking, num_replicas=args.replicas, blocking=False)
+            asyncio.run(hammer(url, data, headers, WARMUP * args.replicas, args.replicas))
+            latencies, outcomes, wall = asyncio.run(hammer(url, data, headers, args.requests, 32))
+            p50, _, _ = percentiles_ms(latencies)
+            print(f"{args.replicas} replicas at concurrency 32: {outcomes['200'] / wall:.1f} req/s (p50 {p50:.1f} ms, "
+                  f"errors {args.requests - outcomes['200']}), {outcomes['200'] / wall / rates[32]:.2f}x one replica")
     finally:
         serve.shutdown()
         ray.shutdown()
