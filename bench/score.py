@@ -93,7 +93,7 @@ def main() -> None:
     model_uri = f"models:/flowood-{args.family}@candidate"
     crops = synthetic_crops(args.workdir, size=size, identities=args.identities, face_mesh=args.family == "blend")
     if not registered(model_uri, uri):
-        train_and_register(crops, TrainConfig(family=args.family, epochs=1, workers=2), configs, "bench-score",
+        train_and_register(crops, TrainConfig(family=args.family, epochs=1, workers=2), configs, f"bench-score-{args.family}",
                            args.workdir / "ray_results", uri)
         ray.shutdown()
     manifest = build_manifest(synthetic_archive(args.workdir, identities=args.identities))

@@ -184,6 +184,12 @@ def _train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
+        if set(state["modules"]) != set(modules):
+            # The run name's storage holds another model's checkpoint: resuming from it would be wrong,
+            # and starting over would silently mix two runs' checkpoints in one directory.
+            raise ValueError(f"the checkpoint to resume holds modules {sorted(state['modules'])}, a {tc.family} "
+                             f"model has {sorted(modules)}: the run name is taken by another model's training; "
+                             "choose another run name or storage path")
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         done_epochs, optim_states, best = state["epoch"], state["optimizers"], state.get("best", {})
