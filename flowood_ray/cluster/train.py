@@ -58,6 +58,15 @@ class TrainConfig(BaseModel):
     )
 
 
+def check_resumable(saved: dict[str, Any], modules: dict[str, Any], family_name: str) -> None:
+    """Refuse a checkpoint of another model: a run name's storage that holds one would otherwise be resumed
+    from (wrong) or started over in (two runs' checkpoints mixed in one directory)."""
+    if set(saved) != set(modules):
+        raise ValueError(f"the checkpoint to resume holds modules {sorted(saved)}, a {family_name} model has "
+                         f"{sorted(modules)}: the run name is taken by another model's training; choose another "
+                         "run name or storage path")
+
+
 def crop_datasets(
     crops_dir: Path, image_size: int, input_config: ModelInput, clip_frames: int | None = None,
     supervised: bool = False, fake_methods: list[str] | None = None, needs_mesh: bool = False,
@@ -184,12 +193,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=True)
-        if set(state["modules"]) != set(modules):
-            # The run name's storage holds another model's checkpoint: resuming from it would be wrong,
-            # and starting over would silently mix two runs' checkpoints in one directory.
-            raise ValueError(f"the checkpoint to resume holds modules {sorted(state['modules'])}, a {tc.family} "
-                             f"model has {sorted(modules)}: the run name is taken by another model's training; "
-                             "choose another run name or storage path")
+        check_resumable(state["modules"], modules, tc.family)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         done_epochs, optim_states, best = state["epoch"], state["optimizers"], state.get("best", {})
