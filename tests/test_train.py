@@ -61,8 +61,10 @@ def test_two_worker_ddp_training_registers_a_calibrated_version(
     reference = _calibration_scores(summary["run_id"], tmp_path)
     assert reference.column("video_id").to_pylist() == ids.tolist()
     scores = score_videos(build_scorer(bundle), images, ids, batch_size=7)
+    # Float32 agreement: registration scored in other batches (other summation orders), and a clip score of
+    # magnitude 5 differs by 1e-5 from that alone; a crop scored against the wrong batch differs by far more.
     for name in summary["calibration"]["frame"]:
-        np.testing.assert_allclose(scores[name], reference.column(name).to_numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(scores[name], reference.column(name).to_numpy(), rtol=1e-5, atol=1e-5)
     if family_name == "glow":
         assert summary["val_bpd_glow"] < summary["val_bpd_diagonal_gaussian"]
 
