@@ -43,11 +43,13 @@ def face_frames(n: int, width: int = 320, height: int = 240, seed: int = 0) -> l
     return frames
 
 
-def write_video(path: Path, frames: list[np.ndarray], codec: str = "libx264", fps: int = 25) -> Path:
+def write_video(path: Path, frames: list[np.ndarray], codec: str = "libx264", fps: int = 25,
+                options: dict[str, str] | None = None) -> Path:
+    """`options` are the encoder's (GOP length, B-frames, ...)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames[0].shape[:2]
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         for frame in frames:

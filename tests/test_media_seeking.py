@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 
+from conftest import write_video
 from flowood_ray.media import decode
 from flowood_ray.media.decode import DecodeOutcome, iter_frames, probe
 from flowood_ray.media.seeking import PacketIndex
@@ -18,19 +19,6 @@ def _moving_frames(count: int, side: int = 96) -> list[np.ndarray]:
     rng = np.random.default_rng(3)
     base = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
     return [np.roll(base, 3 * i, axis=1) for i in range(count)]
-
-
-def _encode(path: Path, frames: list[np.ndarray], codec: str, options: dict[str, str]) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=25, options=options)
-        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def _sequential(path: Path, wanted: list[int]) -> list[tuple[int, np.ndarray]]:
@@ -52,7 +40,7 @@ def _sequential(path: Path, wanted: list[int]) -> list[tuple[int, np.ndarray]]:
 def test_seeking_yields_the_frames_and_indices_of_sequential_decoding(
     tmp_path: Path, codec: str, options: dict[str, str], name: str
 ) -> None:
-    path = _encode(tmp_path / name, _moving_frames(64), codec, options)
+    path = write_video(tmp_path / name, _moving_frames(64), codec, options=options)
     wanted = [1, 14, 15, 30, 47, 63]
     outcome = DecodeOutcome()
     sought = list(iter_frames(path, probe(path), wanted, outcome))
@@ -84,16 +72,19 @@ class _CountingContainer:
             yield frame
 
 
-def test_a_program_stream_is_decoded_sequentially(tmp_path: Path) -> None:
-    """MPEG-PS flags P-frames as keyframes; seeking there would start the decoder on a P-frame."""
-    path = _encode(tmp_path / "v.mpg", _moving_frames(40), "mpeg2video", {"g": "6", "bf": "2"})
-    wanted = [2, 21, 38]
+def _assert_sequential_fallback(path: Path, wanted: list[int]) -> None:
     outcome = DecodeOutcome()
     frames = list(iter_frames(path, probe(path), wanted, outcome))
     assert outcome.backend == "pyav" and outcome.error is None
     assert [i for i, _, _ in frames] == wanted
     for (_, _, got), (_, want) in zip(frames, _sequential(path, wanted)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_program_stream_is_decoded_sequentially(tmp_path: Path) -> None:
+    """MPEG-PS flags P-frames as keyframes; seeking there would start the decoder on a P-frame."""
+    path = write_video(tmp_path / "v.mpg", _moving_frames(40), "mpeg2video", options={"g": "6", "bf": "2"})
+    _assert_sequential_fallback(path, [2, 21, 38])
 
 
 def test_a_seek_that_lands_off_its_keyframe_falls_back_to_sequential(
@@ -104,19 +95,13 @@ def test_a_seek_that_lands_off_its_keyframe_falls_back_to_sequential(
     from flowood_ray.media import seeking
 
     monkeypatch.setattr(seeking, "SEEKABLE_FORMATS", seeking.SEEKABLE_FORMATS | {"mpeg"})
-    path = _encode(tmp_path / "v.mpg", _moving_frames(40), "mpeg2video", {"g": "6", "bf": "2"})
-    wanted = [2, 21, 38]
-    outcome = DecodeOutcome()
-    frames = list(iter_frames(path, probe(path), wanted, outcome))
-    assert outcome.backend == "pyav" and outcome.error is None
-    assert [i for i, _, _ in frames] == wanted
-    for (_, _, got), (_, want) in zip(frames, _sequential(path, wanted)):
-        np.testing.assert_array_equal(got, want)
+    path = write_video(tmp_path / "v.mpg", _moving_frames(40), "mpeg2video", options={"g": "6", "bf": "2"})
+    _assert_sequential_fallback(path, [2, 21, 38])
 
 
 def test_seeking_decodes_fewer_frames_than_sequential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _encode(tmp_path / "v.mp4", _moving_frames(80), "libx264",
-                   {"g": "10", "keyint_min": "10", "bf": "0", "sc_threshold": "0"})
+    path = write_video(tmp_path / "v.mp4", _moving_frames(80), "libx264",
+                       options={"g": "10", "keyint_min": "10", "bf": "0", "sc_threshold": "0"})
     decoded: list[int] = []
     real_open = decode._open_video
     monkeypatch.setattr(decode, "_open_video", lambda p: _CountingContainer(real_open(p), decoded))
@@ -137,7 +122,7 @@ def test_packet_index_seek_targets() -> None:
 
 
 def test_packet_index_of_an_encoded_file(tmp_path: Path) -> None:
-    path = _encode(tmp_path / "v.mp4", _moving_frames(12), "libx264", {"g": "4"})
+    path = write_video(tmp_path / "v.mp4", _moving_frames(12), "libx264", options={"g": "4"})
     with av.open(str(path)) as container:
         index = PacketIndex.read(container)
     assert index is not None and len(index.pts) == 12 and index.keyframes[0] == 0
