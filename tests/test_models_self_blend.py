@@ -15,14 +15,17 @@ from flowood_ray.models.self_blend import FOREHEAD_TOP, MESH_POINTS, SelfBlendCo
 SIZE = 128
 BATCH = 12
 
-# Every alteration off, the target untouched and the mask opaque: each test below switches on one thing.
+# Every alteration off, the target untouched and the whole-face mask opaque: each test below switches on
+# one thing.
 IDENTITY = dict(
+    lower_face_probability=0.0,
     alter_target_probability=0.0, blend_ratios=(1.0,), rgb_shift=(0.0, 0.0), hue_shift_deg=(0.0, 0.0),
     saturation_scale=(1.0, 1.0), brightness=(0.0, 0.0), contrast=(1.0, 1.0), sharpen_probability=1.0,
     sharpen_amount=(0.0, 0.0), source_shift=(0.0, 0.0), source_scale=(1.0, 1.0),
 )
 # A mask with no random deformation: the lifted hull, barely feathered.
 RIGID_MASK = dict(
+    lower_face_probability=0.0,
     elastic_amplitude=(0.0, 0.0), mask_rotation_deg=(0.0, 0.0), mask_scale=(1.0, 1.0), mask_shift=(0.0, 0.0),
     mask_morph_radius=(0.0, 0.0), mask_blur_sigma=(0.01, 0.01), blend_ratios=(1.0,),
 )
@@ -85,7 +88,7 @@ def test_mask_covers_the_face_and_forehead_but_not_the_corners(face: tuple[np.nd
     # Catches a mask drawn from the wrong landmarks or axes (x, y swapped), a deformation that throws the
     # mask off the face, a forehead extension pushed down instead of up, and a blur that never reaches 0.
     crops, points = _batch(face, 32)
-    _, masks = self_blend(crops, points, np.random.default_rng(1), SelfBlendConfig())
+    _, masks = self_blend(crops, points, np.random.default_rng(1), SelfBlendConfig(lower_face_probability=0.0))
     hull = _hull(face[1])
     coverage = np.array([(mask >= 0.5 * mask.max())[hull].mean() for mask in masks])
     assert coverage.min() > 0.75 and coverage.mean() > 0.9
@@ -109,6 +112,30 @@ def test_forehead_lift_raises_the_top_and_leaves_the_chin(face: tuple[np.ndarray
     assert (masks[:, round(float(top[1]) - 0.1 * height), x] == 1).all()
     assert (masks[:, round(float(top[1]) - 0.2 * height), x] == 0).all()
     assert (masks[:, round(float(chin[1]) + 0.05 * height), round(float(chin[0]))] == 0).all()
+
+
+def test_lower_face_mask_covers_the_mouth_and_chin_but_not_the_nose_tip_or_eyes(face: tuple[np.ndarray, np.ndarray]) -> None:
+    # On the astronaut, in face heights above the face centre: eyes +0.19, nose tip -0.08, upper lip -0.17,
+    # lower lip -0.30. A cut at -0.12 keeps the mouth and chin and nothing above. Catches the cut's sign or
+    # axis (the upper face kept), the cut ignored (the whole hull), and the probability ignored (below).
+    crops, points = _batch(face, 2)
+    config = SelfBlendConfig(**{**RIGID_MASK, "lower_face_probability": 1.0, "lower_face_cut": (-0.12, -0.12)})
+    _, masks = self_blend(crops, points, np.random.default_rng(5), config)
+
+    def at(index: int) -> np.ndarray:
+        x, y = face[1][index]
+        return masks[:, round(float(y)), round(float(x))]
+
+    for inside in (61, 291, 17, 200):  # mouth corners, lower lip, under the lower lip
+        assert (at(inside) == 1).all(), inside
+    for outside in (1, 33, 263, FOREHEAD_TOP):  # nose tip, eye corners, mesh top
+        assert (at(outside) == 0).all(), outside
+    # The default mixes both kinds: some masks leave the eyes out, others cover them.
+    crops, points = _batch(face, 40)
+    _, masks = self_blend(crops, points, np.random.default_rng(6), SelfBlendConfig())
+    x, y = face[1][33]
+    eye_covered = masks[:, round(float(y)), round(float(x))] > 0
+    assert 0 < (~eye_covered).sum() < 25
 
 
 def test_same_seed_same_blends_and_different_seed_different(face: tuple[np.ndarray, np.ndarray]) -> None:

@@ -4,7 +4,9 @@ A crop is blended with an altered copy of itself inside a soft, deformed face ma
 what face manipulations leave where the generated face meets the real frame (a blending boundary, a
 colour and a sharpness mismatch, a slight misalignment) without any generator's fingerprint, so a
 real-vs-blended classifier learns those traces instead of one manipulation's look. Every alteration is
-drawn from a range that reaches (almost) zero, so no single cue is present in every blend.
+drawn from a range that reaches (almost) zero, so no single cue is present in every blend. A quarter
+of the masks (by default) cover only the lower face, so that seams inside the face, where a reenacted
+mouth meets the real face around it, are in the training set too.
 
 Geometry is measured in face heights (chin to the top of the mesh, MediaPipe points 152 and 10), so the
 same config suits crops of any size; all randomness comes from the caller's numpy Generator.
@@ -50,6 +52,13 @@ class SelfBlendConfig(BaseModel):
     forehead_lift: NonNegativeRange = Field((0.1, 0.5), description="hull points above the face centre are pushed "
         "away from it by this share of their distance, in proportion to their height: the top of the mesh rises by "
         "0.05-0.25 face heights, to somewhere between the mesh's edge and the hairline, like SBI's 81-point forehead")
+    lower_face_probability: Probability = Field(0.25, description="the mask covers only the face below a cut "
+        "across it (the hull of the mesh points under the cut) instead of the whole lifted hull: the mouth-and-jaw "
+        "region that reenactments (NeuralTextures, Face2Face) re-render, whose seam crosses the cheeks and the nose "
+        "instead of following the face outline; SBI's own whole-face hulls leave that seam unseen")
+    lower_face_cut: Range = Field((-0.12, 0.1), description="height of that cut above the face centre (midway "
+        "between the chin and the mesh top, just under the nose bridge), in face heights: from between the nose "
+        "tip and the upper lip (-0.12: mouth and chin) to just under the eyes (0.1: nose, cheeks, mouth, chin)")
     elastic_amplitude: NonNegativeRange = Field((0.0, 0.04), description="peak displacement of the smooth random "
         "field that wobbles the mask outline, in face heights (about 0-2.5 px on a 60 px face)")
     elastic_grid: int = Field(5, ge=2, description="control points per side of that field: a few bumps per outline")
@@ -117,8 +126,22 @@ def _hull_mask(points: np.ndarray, shape: tuple[int, int], lift: float) -> np.nd
     # 0 at the centre line, 1 at the mesh top: the push fades out towards the cheeks, so the jaw stays put.
     rise = np.clip((hull - centre) @ up / (height / 2), 0, None)
     hull = centre + (hull - centre) * (1 + lift * rise[:, None])
+    return _fill_hull(hull, shape)
+
+
+def _lower_face_mask(points: np.ndarray, shape: tuple[int, int], cut: float) -> np.ndarray:
+    """uint8 0/255 convex hull of the landmarks lying more than `cut` face heights below the face centre
+    (a negative cut: below; a positive one: above it)."""
+    centre, up, height = _face_frame(points)
+    below = points[(points.astype(np.float64) - centre) @ up < cut * height]
+    if len(below) < 3:
+        raise ValueError(f"fewer than 3 landmarks lie below the cut at {cut} face heights")
+    return _fill_hull(below.astype(np.float64), shape)
+
+
+def _fill_hull(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     subpixel = 4  # fillConvexPoly's fixed-point bits: the outline moves smoothly with the landmarks
-    vertices = np.round(cv2.convexHull(hull.astype(np.float32)).reshape(-1, 2) * 2**subpixel).astype(np.int32)
+    vertices = np.round(cv2.convexHull(points.astype(np.float32)).reshape(-1, 2) * 2**subpixel).astype(np.int32)
     mask = np.zeros(shape, np.uint8)
     cv2.fillConvexPoly(mask, vertices, 255, lineType=cv2.LINE_AA, shift=subpixel)
     return mask
@@ -144,9 +167,14 @@ def _deform(mask: np.ndarray, centre: np.ndarray, height: float, rng: np.random.
 
 def _blend_mask(points: np.ndarray, shape: tuple[int, int], rng: np.random.Generator,
                 config: SelfBlendConfig) -> np.ndarray:
-    """float32 (H, W) mask in [0, ratio]: exactly 0 outside the feathered face, exactly `ratio` in its core."""
+    """float32 (H, W) mask in [0, ratio]: exactly 0 outside the feathered face (or lower face), exactly
+    `ratio` in its core."""
     centre, _, height = _face_frame(points)
-    mask = _deform(_hull_mask(points, shape, _draw(rng, config.forehead_lift)), centre, height, rng, config)
+    if rng.random() < config.lower_face_probability:
+        region = _lower_face_mask(points, shape, _draw(rng, config.lower_face_cut))
+    else:
+        region = _hull_mask(points, shape, _draw(rng, config.forehead_lift))
+    mask = _deform(region, centre, height, rng, config)
     mask = (mask >= 128).astype(np.uint8)
     radius = round(_draw(rng, config.mask_morph_radius) * height)
     if radius:
