@@ -11,7 +11,7 @@ import torch
 
 from conftest import phase_loss_before_and_after
 from flowood_ray.media.facecrop import ModelInput, model_input_points
-from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig, blended_batch
+from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig, blended_batch, matched_pair_error
 from flowood_ray.models.catalog import build_modules, family
 
 
@@ -89,3 +89,28 @@ def test_training_separates_reals_from_their_self_blends(faces) -> None:
     before, after = phase_loss_before_and_after("blend", 0, modules, batch, steps=15, lr=1e-3, seed=0)
     assert family("blend").supervised is False and family("blend").needs_mesh
     assert before > 0.5 and after < 0.6 * before, (before, after)
+
+
+def test_matched_pair_error_counts_blends_not_above_their_own_real() -> None:
+    # Pairs: (0, 1) right, (2, -1) wrong, (0.5, 0.5) tied, (3, 4) right -> (0 + 1 + 0.5 + 0) / 4. Pooled,
+    # every blend against every real, the same logits give 1 - 7.5 / 16 = 0.53: pairs must be matched.
+    # Catches the sign, ties counted as errors or as right, and pooling.
+    real = torch.tensor([0.0, 2.0, 0.5, 3.0])
+    blend = torch.tensor([1.0, -1.0, 0.5, 4.0])
+    assert matched_pair_error(real, blend) == 0.375
+    assert matched_pair_error(blend, real) == 0.625
+    with pytest.raises(ValueError, match="equal non-empty"):
+        matched_pair_error(real, blend[:3])
+
+
+def test_the_blend_family_selects_its_epoch_by_the_matched_pair_error(faces) -> None:
+    crops, points = faces
+    modules = build_modules("blend", {"detector": {"image_size": 64}})
+    for module in modules.values():
+        module.eval()
+    batch = {"image": torch.from_numpy(crops), "label": torch.zeros(8), "mesh": torch.from_numpy(points)}
+    phase = family("blend").phases[0]
+    with torch.no_grad():
+        _, metrics = phase.loss(modules, batch, torch.Generator().manual_seed(0))
+    assert phase.metric == "pair_error" and set(metrics) == {"bce", "pair_error"}
+    assert metrics["pair_error"] in {k / 16 for k in range(17)}  # 8 pairs, ties counting half

@@ -245,21 +245,23 @@ def _train_loop(config: dict[str, Any]) -> None:
                 batches += 1
                 samples += len(images)
             throughput = samples * ctx.get_world_size() / (time.perf_counter() - epoch_start)
-            val = _validate(phase, modules, val_data, tc, device)
+            val_sums, val_count = _validate(phase, modules, val_data, tc, device)
             if dist.is_available() and dist.is_initialized():
                 # NCCL reduces only tensors on the GPU; gloo takes CPU tensors.
-                totals = torch.tensor([val[0], val[1], float(batches)], dtype=torch.float64, device=device)
+                totals = torch.tensor([*val_sums.values(), val_count], dtype=torch.float64, device=device)
                 dist.all_reduce(totals)
-                val = (float(totals[0]), float(totals[1]))
+                val_sums, val_count = dict(zip(val_sums, totals[:-1].tolist())), float(totals[-1])
+            val_means = {k: v / max(val_count, 1.0) for k, v in val_sums.items()}
             report = {f"train_{k}": v / max(batches, 1) for k, v in train_sums.items()}
-            current = val[0] / max(val[1], 1.0)
+            current = val_means[phase.metric]
             _keep_best(best, phase.name, current, epoch, modules[phase.trains])
             if phase_epoch == tc.epochs:
                 # The next phase, and the registered model, start from this phase's best epoch; the
                 # validation metric is all-reduced, so every replica restores the same one.
                 modules[phase.trains].load_state_dict(best[phase.name]["state"])
+            report.update({f"val_{k}": v for k, v in val_means.items()})
             report.update({
-                f"val_{phase.metric}": current, f"best_val_{phase.metric}": best[phase.name]["metric"],
+                f"best_val_{phase.metric}": best[phase.name]["metric"],
                 "best_epoch": best[phase.name]["epoch"], "epoch": epoch, "phase": phase.name,
                 "train_samples_per_s": throughput,
             })
@@ -285,20 +287,27 @@ def _epoch_seed(seed: int, rank: int, epoch: int, stream: int) -> int:
 
 
 @torch.no_grad()
-def _validate(phase, modules, data: dict[str, np.ndarray], tc: TrainConfig, device) -> tuple[float, float]:
-    """(sum of the per-sample validation metric, count) on this worker's part, with fixed noise."""
+def _validate(phase, modules, data: dict[str, np.ndarray], tc: TrainConfig, device) -> tuple[dict[str, float], float]:
+    """(sum over samples of each validation metric of the phase's loss, count) on this worker's part, with
+    fixed noise. Every worker's loss reports the same metric names, so the sums all-reduce in one order."""
     for module in modules.values():
         module.eval()
     generator = torch.Generator(device="cpu").manual_seed(12345)
     dtypes = _dtypes(family(tc.family))
-    total, count = 0.0, 0.0
+    totals: dict[str, float] = {}
+    count = 0.0
     for start in range(0, len(data["label"]), tc.batch_size):
         batch = {k: torch.as_tensor(v[start : start + tc.batch_size], dtype=dtypes[k]).to(device)
                  for k, v in data.items() if k in dtypes}
         _, metrics = phase.loss(modules, batch, generator)
-        total += metrics[phase.metric] * len(batch["image"])
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value * len(batch["image"])
         count += len(batch["image"])
-    return total, count
+    if not count:
+        raise ValueError(f"this worker's share of the validation set is empty ({len(data['label'])} samples)")
+    if phase.metric not in totals:
+        raise ValueError(f"phase {phase.name!r} reports no {phase.metric!r} metric (it reports {sorted(totals)})")
+    return totals, count
 
 
 def _report(rank, epoch, modules, optim_states, best, metrics, client, run_id) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+import torch
 from torch import Tensor, nn
 
 from flowood_ray.models.efficientnet import EfficientNetLite, EfficientNetLiteConfig
@@ -65,3 +66,16 @@ def blended_batch(
     both[flip] = both[flip, :, ::-1]
     labels = np.r_[np.zeros(len(images)), np.ones(len(images))].astype(np.float32)
     return both, labels
+
+
+def matched_pair_error(real_logits: Tensor, blend_logits: Tensor) -> float:
+    """Share of (real crop, its own blend) pairs in which the blend does not score above its real; a tie
+    counts half. The blend family selects its epoch by this on the validation people: it ranks, so unlike
+    BCE it is blind to overconfidence, which on a few dozen training people grows from the first epoch
+    even while new people's blends go on ranking higher."""
+    if real_logits.shape != blend_logits.shape or real_logits.dim() != 1 or not len(real_logits):
+        raise ValueError(f"expected two equal non-empty 1-D logit vectors, got {tuple(real_logits.shape)} "
+                         f"and {tuple(blend_logits.shape)}")
+    below = (blend_logits < real_logits).to(torch.float64).mean()
+    tied = (blend_logits == real_logits).to(torch.float64).mean()
+    return float(below + 0.5 * tied)

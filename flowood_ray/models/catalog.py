@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig, blended_batch
+from flowood_ray.models.blend_detector import BlendDetector, BlendDetectorConfig, blended_batch, matched_pair_error
 from flowood_ray.models.cflow import CFlowConfig, CFlowDecoders, random_fibres
 from flowood_ray.models.classifier import (
     AbnormalityConfig, AbnormalityModule, FakeClassifier, FakeClassifierConfig, auxiliary, balanced_mean,
@@ -195,7 +195,8 @@ def _blend_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch
                                  _numpy_rng(generator))
     logits = modules["detector"](torch.from_numpy(both).to(images.device))
     bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(labels).to(images.device))
-    return bce, {"bce": float(bce.detach())}
+    real, blend = logits.detach().chunk(2)  # blended_batch puts the reals first, each blend at its real's place
+    return bce, {"bce": float(bce.detach()), "pair_error": matched_pair_error(real, blend)}
 
 
 def _cflow_loss(modules: Mapping[str, nn.Module], batch: Batch, generator: torch.Generator | None) -> tuple[Tensor, dict[str, float]]:
@@ -279,7 +280,7 @@ FAMILIES: dict[str, Family] = {
     # Real crops against self-blends of themselves (Shiohara & Yamasaki): no fake is ever seen.
     "blend": Family(
         components={"detector": (BlendDetectorConfig, BlendDetector)},
-        phases=(Phase("detector", "detector", _blend_loss, "bce"),),
+        phases=(Phase("detector", "detector", _blend_loss, "pair_error"),),
         image_size=lambda c: c["detector"].image_size,  # type: ignore[attr-defined]
         needs_mesh=True,
         lr=0.0003,
