@@ -280,7 +280,7 @@ FAMILIES: dict[str, Family] = {
     # Real crops against self-blends of themselves (Shiohara & Yamasaki): no fake is ever seen.
     "blend": Family(
         components={"detector": (BlendDetectorConfig, BlendDetector)},
-        phases=(Phase("detector", "detector", _blend_loss, "pair_error"),),
+        phases=(Phase("detector", "detector", _blend_loss, "bce"),),
         image_size=lambda c: c["detector"].image_size,  # type: ignore[attr-defined]
         needs_mesh=True,
         lr=0.0003,
