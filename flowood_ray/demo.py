@@ -2,8 +2,8 @@
 
 synthesise an archive -> crop faces (with face meshes) on Ray Data -> train every family with DDP on
 Ray Train: Glow, the VQ-VAE, the clip flow, the patch-texture flow, the supervised classifier, the
-real-only blend detector, and CFLOW and DifferNet on the ImageNet encoder -> register and promote in MLflow (SQLite
-in the work directory) -> score the test split -> report. Each family is trained small here; the
+real-only blend detector, and CFLOW and DifferNet on the ImageNet encoder -> register and promote in
+MLflow (SQLite in the work directory) -> score the test split -> report. Each family is trained small here; the
 README gives the full-size recipes.
 """
 

@@ -10,8 +10,8 @@ are what face swaps, reenactments and re-renderings leave too.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from flowood_ray.models.efficientnet import EfficientNetLite, EfficientNetLiteConfig

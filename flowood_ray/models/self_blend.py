@@ -130,8 +130,8 @@ def _hull_mask(points: np.ndarray, shape: tuple[int, int], lift: float) -> np.nd
 
 
 def _lower_face_mask(points: np.ndarray, shape: tuple[int, int], cut: float) -> np.ndarray:
-    """uint8 0/255 convex hull of the landmarks lying more than `cut` face heights below the face centre
-    (a negative cut: below; a positive one: above it)."""
+    """uint8 0/255 convex hull of the landmarks lower than `cut` face heights above the face centre
+    (a negative cut lies below the centre)."""
     centre, up, height = _face_frame(points)
     below = points[(points.astype(np.float64) - centre) @ up < cut * height]
     if len(below) < 3:
