@@ -10,10 +10,11 @@ All frames are sampled and the detector runs every 5th frame, as in the issue's 
 --resolution 720 first re-encodes the videos (the first --videos of --archive, e.g. ../shared/realfaces, or
 the synthetic ones) to 720-line H.264 at their own frame rate, as archive footage is.
 
---lengths 10 60 then measures the cost per video at the scoring default of 32 evenly spaced frames, on
-videos of those lengths made from the same clips, with x264's default GOP (250 frames) and with a 2 s GOP:
-sequential decoding of the 32 frames, decoding with keyframe seeking (what the pipeline does), and the whole
-crop step (seeking decode + detect + align + crop).
+--lengths 10 60 then measures the cost per video of 32 frames, on videos of those lengths made from the same
+clips, with x264's default GOP (250 frames) and with a 2 s GOP. At the scoring default of 32 evenly spaced
+frames: sequential decoding, decoding with keyframe seeking (what the pipeline does), and the whole crop step
+(seeking decode + detect + align + crop). With `--segments 4` (4 runs of 8 frames from keyframes): the
+decode and the crop step.
 Usage: python bench/preprocess.py [--archive DIR] [--resolution 720] [--lengths 10 60] [--workdir DIR]
 """
 
@@ -94,26 +95,34 @@ def at_resolution(sources: list[Path], out: Path, lines: int) -> Path:
 
 def cost_per_video(sources: list[Path], workdir: Path, lines: int, seconds: float, keyint: int | None
                    ) -> dict[str, float]:
-    """Seconds per video at 32 evenly spaced frames: sequential decode, seeking decode, and the crop step."""
+    """Seconds per video at 32 frames: evenly spaced (the scoring default), decoded sequentially and with
+    keyframe seeking (what the pipeline does), then the crop step; and in 4 runs from keyframes
+    (`--segments 4`), decoded and cropped."""
     tag = f"{lines}p-{seconds:g}s-gop{keyint or 'default'}"
     videos = [reencode(s, workdir / "lengths" / tag / f"{i:03d}.mp4", lines, seconds, keyint)
               for i, s in enumerate(sources)]
-    sampling = SamplingConfig(num_frames=32)
-    cropper = VideoCropper(sampling, CROP.model_copy(update={"detect_every": 1}))
-    totals = {"sequential decode": 0.0, "seeking decode": 0.0, "crop step": 0.0}
+    uniform, runs = SamplingConfig(num_frames=32), SamplingConfig(mode="segments", num_frames=32, segments=4)
+    croppers = {name: VideoCropper(sampling, CROP) for name, sampling in (("uniform", uniform), ("segments", runs))}
+    totals = dict.fromkeys(("sequential decode", "seeking decode", "crop step", "segments decode",
+                            "segments crop step"), 0.0)
     for video in videos:
         info = probe(video)
-        wanted = sample_indices(info.frame_count, sampling)
-        start = time.perf_counter()
-        list(decode._decode_sequential(video, info, wanted, DecodeOutcome(), 0))
-        totals["sequential decode"] += time.perf_counter() - start
-        start = time.perf_counter()
-        list(iter_frames(video, info, wanted, DecodeOutcome()))
-        totals["seeking decode"] += time.perf_counter() - start
-        start = time.perf_counter()
-        cropper.process({"video_id": video.stem, "path": str(video)}, lambda table: None)
-        totals["crop step"] += time.perf_counter() - start
-    cropper.close()
+        wanted = sample_indices(info.frame_count, uniform)
+        in_runs = sample_indices(info.frame_count, runs, decode.keyframe_indices(video, info))
+        for name, run in (
+            ("sequential decode", lambda: list(decode._decode_sequential(video, info, wanted, DecodeOutcome(), 0))),
+            ("seeking decode", lambda: list(iter_frames(video, info, wanted, DecodeOutcome()))),
+            ("crop step", lambda: croppers["uniform"].process({"video_id": video.stem, "path": str(video)},
+                                                              lambda table: None)),
+            ("segments decode", lambda: list(iter_frames(video, info, in_runs, DecodeOutcome()))),
+            ("segments crop step", lambda: croppers["segments"].process({"video_id": video.stem, "path": str(video)},
+                                                                        lambda table: None)),
+        ):
+            start = time.perf_counter()
+            run()
+            totals[name] += time.perf_counter() - start
+    for cropper in croppers.values():
+        cropper.close()
     return {k: v / len(videos) for k, v in totals.items()}
 
 
@@ -155,7 +164,7 @@ def main() -> None:
 
 def lengths_report(sources: list[Path], workdir: Path, lines: int, lengths: list[float]) -> None:
     fps = probe(sources[0]).fps
-    print(f"\ncost per video at 32 evenly spaced frames, {lines}p, mean of {len(sources)} videos (s):")
+    print(f"\ncost per video at 32 frames, {lines}p, mean of {len(sources)} videos (s):")
     for keyint, name in ((None, "x264 default GOP (250 frames)"), (round(2 * fps), "2 s GOP")):
         costs = {seconds: cost_per_video(sources, workdir, lines, seconds, keyint) for seconds in lengths}
         print(f"  {name}:")
@@ -163,7 +172,7 @@ def lengths_report(sources: list[Path], workdir: Path, lines: int, lengths: list
             print(f"    {seconds:5g} s videos: " + "  ".join(f"{k} {v:6.3f}" for k, v in cost.items()))
         longest, shortest = costs[max(lengths)], costs[min(lengths)]
         print("    ratio longest/shortest: " + "  ".join(f"{k} {longest[k] / shortest[k]:.2f}" for k in longest)
-              + "   (target for the crop step <= 1.5)")
+              + "   (target for a crop step <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def test_frame_models_take_any_sampling() -> None:
     [(UNIFORM_6, SamplingConfig(num_frames=32)),
      (UNIFORM_6, SamplingConfig(mode="stride", stride=2, max_frames=6)),
      (SamplingConfig(mode="stride", stride=3), SamplingConfig(mode="stride", stride=2, max_frames=40)),
-     (SamplingConfig(mode="all", max_frames=64), SamplingConfig(num_frames=64))],
+     (SamplingConfig(mode="all", max_frames=64), SamplingConfig(num_frames=64)),
+     (UNIFORM_6, SamplingConfig(mode="segments", num_frames=6, segments=2)),
+     (SamplingConfig(mode="segments", num_frames=32), SamplingConfig(mode="segments", num_frames=32, segments=8))],
 )
 def test_a_request_that_spaces_frames_otherwise_is_refused(trained: SamplingConfig, asked: SamplingConfig) -> None:
     with pytest.raises(ValueError, match="clip model trained on frames sampled"):
@@ -64,7 +66,8 @@ def test_a_request_that_spaces_frames_otherwise_is_refused(trained: SamplingConf
     [(UNIFORM_6, SamplingConfig(num_frames=6)),
      # A frame cap drops whole clips at the end; the clips themselves are spaced as in training.
      (SamplingConfig(mode="stride", stride=3), SamplingConfig(mode="stride", stride=3, max_frames=40)),
-     (SamplingConfig(mode="all"), SamplingConfig(mode="stride", stride=1, max_frames=100))],
+     (SamplingConfig(mode="all"), SamplingConfig(mode="stride", stride=1, max_frames=100)),
+     (SamplingConfig(mode="segments", num_frames=16), SamplingConfig(mode="segments", num_frames=16))],
 )
 def test_a_request_with_the_trained_spacing_is_kept(trained: SamplingConfig, asked: SamplingConfig) -> None:
     assert sampling_of([_bundle("clip", trained)], asked) is asked
@@ -73,6 +76,9 @@ def test_a_request_with_the_trained_spacing_is_kept(trained: SamplingConfig, ask
 def test_an_uncapped_stride_training_sampling_needs_a_cap_to_score() -> None:
     with pytest.raises(ValueError, match="max_frames"):
         sampling_of([_bundle("clip", SamplingConfig(mode="stride", stride=2))], None)
+    # Segment runs have a fixed count, like uniform sampling: the trained sampling is used as it is.
+    runs = SamplingConfig(mode="segments", num_frames=16, segments=2)
+    assert sampling_of([_bundle("clip", runs)], None) == runs
 
 
 def test_clip_models_trained_on_different_samplings_cannot_share_a_run() -> None:

@@ -23,6 +23,35 @@ def test_sample_indices_modes() -> None:
     assert sample_indices(0, SamplingConfig()) == []
     with pytest.raises(ValueError):
         SamplingConfig(mode="uniform", stride=2)
+    with pytest.raises(ValueError):
+        SamplingConfig(mode="uniform", segments=2)
+
+
+def test_segment_runs_are_spread_and_start_at_keyframes() -> None:
+    runs = SamplingConfig(mode="segments", num_frames=32, segments=4)
+    # 1,500 frames in four parts of 375: runs of 8 centred at 187.5, 562.5, 937.5 and 1312.5.
+    assert sample_indices(1500, runs) == [*range(183, 191), *range(558, 566), *range(933, 941), *range(1308, 1316)]
+    # A keyframe every 250 frames: each run moves back to the last keyframe at or before its start.
+    every_250 = list(range(0, 1500, 250))
+    assert sample_indices(1500, runs, every_250) == [*range(0, 8), *range(500, 508), *range(750, 758),
+                                                     *range(1250, 1258)]
+    # One keyframe (a 10 s clip with x264's default GOP): the runs, all moved to it, are laid end to end.
+    assert sample_indices(250, runs, [0]) == list(range(32))
+    # Fewer frames than asked: all of them.
+    assert sample_indices(20, runs, [0, 10]) == list(range(20))
+    # 10 frames in 3 runs: lengths 4, 3, 3.
+    assert sample_indices(90, SamplingConfig(mode="segments", num_frames=10, segments=3)) == [
+        *range(13, 17), *range(43, 46), *range(73, 76)]
+
+
+def test_segment_runs_keep_their_count_for_any_keyframe_layout() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        frames, wanted, parts = int(rng.integers(1, 400)), int(rng.integers(1, 64)), int(rng.integers(1, 10))
+        keyframes = sorted(set(rng.integers(0, frames, int(rng.integers(1, 12))).tolist()))
+        indices = sample_indices(frames, SamplingConfig(mode="segments", num_frames=wanted, segments=parts), keyframes)
+        assert len(indices) == min(wanted, frames) and indices == sorted(set(indices))
+        assert 0 <= indices[0] and indices[-1] < frames
 
 
 def test_umeyama_recovers_a_similarity_exactly() -> None:

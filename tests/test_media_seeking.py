@@ -11,6 +11,7 @@ import pytest
 from conftest import write_video
 from flowood_ray.media import decode
 from flowood_ray.media.decode import DecodeOutcome, iter_frames, probe
+from flowood_ray.media.sampling import SamplingConfig, sample_indices
 from flowood_ray.media.seeking import PacketIndex
 
 
@@ -127,3 +128,32 @@ def test_packet_index_of_an_encoded_file(tmp_path: Path) -> None:
         index = PacketIndex.read(container)
     assert index is not None and len(index.pts) == 12 and index.keyframes[0] == 0
     assert np.all(np.diff(index.pts) > 0)
+
+
+def test_segment_runs_from_keyframes_decode_only_their_own_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs that start at keyframes cost their frames and nothing more, however long the video: 4 runs of 4
+    from a 200-frame video with a keyframe every 20 decode 16 frames, where 16 evenly spaced ones decode 142."""
+    path = write_video(tmp_path / "v.mp4", _moving_frames(200, side=32), "libx264",
+                       options={"g": "20", "keyint_min": "20", "bf": "0", "sc_threshold": "0"})
+    info = probe(path)
+    keyframes = decode.keyframe_indices(path, info)
+    assert keyframes is not None and keyframes.tolist() == list(range(0, 200, 20))
+    runs = sample_indices(info.frame_count, SamplingConfig(mode="segments", num_frames=16, segments=4), keyframes)
+    # Runs centred at frames 25, 75, 125 and 175 start at 23, 73, 123, 173, then move back to their keyframes.
+    assert runs == [*range(20, 24), *range(60, 64), *range(120, 124), *range(160, 164)]
+    decoded: list[int] = []
+    real_open = decode._open_video
+    monkeypatch.setattr(decode, "_open_video", lambda p: _CountingContainer(real_open(p), decoded))
+    assert [i for i, _, _ in iter_frames(path, info, runs, DecodeOutcome())] == runs
+    assert len(decoded) == 16
+    decoded.clear()
+    list(iter_frames(path, info, sample_indices(info.frame_count, SamplingConfig(num_frames=16)), DecodeOutcome()))
+    # Frames 6, 18, 31, ..., 193: each decoded on from the last frame or from its keyframe, whichever is later.
+    assert len(decoded) == 142
+
+
+def test_keyframes_are_unknown_where_the_flags_cannot_be_trusted(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "v.mpg", _moving_frames(12, side=32), "mpeg2video", options={"g": "6"})
+    assert decode.keyframe_indices(path, probe(path)) is None

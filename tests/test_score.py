@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import kill_after_commits
 from flowood_ray.cluster.score import read_calibrations, read_scores, run_score
 from flowood_ray.media.datasets import build_manifest
-from flowood_ray.media.sampling import SamplingConfig
+from flowood_ray.media.sampling import SamplingConfig, sample_indices
 from flowood_ray.media.shards import crop_dataset
 from flowood_ray.registry import configure, load_registered, resolve_version
 
@@ -150,3 +151,29 @@ def test_saved_crops_keep_their_masks_and_the_run_records_its_calibrations(
         bundle = load_registered(f"models:/{record['name']}/{record['version']}")
         assert record["calibration"] == bundle.calibration
         assert record["primary"] == bundle.calibration["primary"]
+
+
+def test_score_cli_samples_segment_runs_from_keyframes(archive: Path, trained_models: dict, tmp_path: Path) -> None:
+    # Catches --segments ignored (evenly spaced frames come back), runs not moved to the keyframes of each
+    # file, and a run directory that does not record how its frames were sampled.
+    from flowood_ray.cluster.score import CONFIG_FILE
+    from flowood_ray.media.decode import probe
+    from flowood_ray.media.facecrop import frames_to_sample
+
+    few = build_manifest(archive).slice(0, 2)
+    manifest = tmp_path / "few.parquet"
+    pq.write_table(few, manifest)
+    out = tmp_path / "s"
+    subprocess.run([sys.executable, "-m", "flowood_ray.cli", "score", str(manifest), "--out", str(out), "--model",
+                    MODELS[0], "--frames", "8", "--segments", "2", "--local", "--tracking-uri",
+                    trained_models["tracking_uri"]], check=True, timeout=600, capture_output=True)
+    _, frames = read_scores(out)
+    runs = SamplingConfig(mode="segments", num_frames=8, segments=2)
+    for row in few.to_pylist():
+        path = Path(row["path"])
+        expected = frames_to_sample(path, probe(path), runs)
+        assert expected != sample_indices(probe(path).frame_count, SamplingConfig(num_frames=8))
+        got = sorted(frames.filter(pc.equal(frames.column("video_id"), row["video_id"])).column("frame_index")
+                     .to_pylist())
+        assert got and set(got) <= set(expected)
+    assert json.loads((out / CONFIG_FILE).read_text())["sampling"]["mode"] == "segments"

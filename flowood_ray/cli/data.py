@@ -98,8 +98,10 @@ def preprocess(
     archive: Annotated[Path, typer.Argument(help="dataset root, folder, CSV or manifest parquet")],
     out: Annotated[Path, typer.Option(help="output directory for face-crop shards")],
     kind: Annotated[str, typer.Option(help="archive layout (see `flowood manifest`)")] = "auto",
-    sampling: Annotated[str, typer.Option(help="uniform, stride or all")] = "uniform",
-    frames: Annotated[int, typer.Option(help="frames per video for uniform sampling")] = 32,
+    sampling: Annotated[str, typer.Option(help="uniform, segments, stride or all")] = "uniform",
+    frames: Annotated[int, typer.Option(help="frames per video for uniform and segments sampling")] = 32,
+    segments: Annotated[int, typer.Option(help="runs of consecutive frames, each from a keyframe, for segments "
+                                          "sampling")] = 4,
     stride: Annotated[int, typer.Option(help="frame stride for stride sampling")] = 1,
     max_frames: Annotated[int | None, typer.Option(help="cap for stride/all sampling")] = None,
     size: Annotated[int, typer.Option(help="crop side in px")] = 128,
@@ -118,9 +120,9 @@ def preprocess(
 
     table = load_manifest(archive, kind)
     try:
-        sampling_config = SamplingConfig(
-            mode=sampling, num_frames=frames, stride=stride if sampling == "stride" else 1, max_frames=max_frames
-        )
+        # Each mode's own option only: SamplingConfig refuses one its mode does not use.
+        own = {"stride": {"stride": stride}, "segments": {"segments": segments}}.get(sampling, {})
+        sampling_config = SamplingConfig(mode=sampling, num_frames=frames, max_frames=max_frames, **own)
         crop_config = CropConfig(size=size, margin=margin, detect_every=detect_every, model=model, face_mesh=face_mesh)
         videos = run_preprocess(
             table, out, sampling_config, crop_config, workers=workers, videos_per_shard=videos_per_shard,

@@ -25,6 +25,10 @@ def score(
     split: Annotated[str | None, typer.Option(help="score only this split of the manifest")] = None,
     frames: Annotated[int | None, typer.Option(
         help="frames per video, uniformly sampled (default: a clip model's training sampling, else 32)")] = None,
+    segments: Annotated[int | None, typer.Option(
+        help="sample the frames as this many runs of consecutive frames, each from a keyframe (MP4, MOV, MKV, "
+        "WebM): decoding then costs about the same for a video of any length, where evenly spaced frames each "
+        "cost up to a GOP")] = None,
     fpr: Annotated[float, typer.Option(help="verdict threshold as a real-data false-positive rate (0.01 or 0.05)")] = 0.01,
     local: Annotated[bool, typer.Option(help="score in this process, without Ray (small jobs)")] = False,
     workers: Annotated[int | None, typer.Option(help="scoring actors (default: all cluster CPUs)")] = None,
@@ -47,8 +51,13 @@ def score(
         if table.num_rows == 0:
             fail(f"no videos in split {split!r}")
     try:
+        sampling = None
+        if segments is not None:
+            sampling = SamplingConfig(mode="segments", num_frames=frames or 32, segments=segments)
+        elif frames is not None:
+            sampling = SamplingConfig(num_frames=frames)
         videos = run_score(
-            table, out, model, None if frames is None else SamplingConfig(num_frames=frames), fpr=fpr, local=local, workers=workers,
+            table, out, model, sampling, fpr=fpr, local=local, workers=workers,
             videos_per_shard=videos_per_shard, save_crops=save_crops, tracking_uri=tracking_uri, address=address,
         )
     except (ValidationError, ValueError, MlflowException) as exc:

@@ -107,11 +107,13 @@ def clip_sampling(bundle: ModelBundle) -> SamplingConfig | None:
     return SamplingConfig(**bundle.extra["sampling"])
 
 
-def _frame_spacing(sampling: SamplingConfig) -> tuple[str, int]:
+def _frame_spacing(sampling: SamplingConfig) -> tuple[str, int, int]:
     """What decides how far apart a clip's frames are; a stride run's frame cap only drops whole clips."""
     if sampling.mode == "uniform":
-        return "uniform", sampling.num_frames
-    return "every", sampling.stride if sampling.mode == "stride" else 1
+        return "uniform", sampling.num_frames, 1
+    if sampling.mode == "segments":
+        return "segments", sampling.num_frames, sampling.segments
+    return "every", sampling.stride if sampling.mode == "stride" else 1, 1
 
 
 def sampling_of(bundles: Sequence[ModelBundle], requested: SamplingConfig | None) -> SamplingConfig:
@@ -124,7 +126,7 @@ def sampling_of(bundles: Sequence[ModelBundle], requested: SamplingConfig | None
         return requested or SamplingConfig()
     model_id, sampling = next(iter(trained.items()))
     if requested is None:
-        if sampling.mode != "uniform" and sampling.max_frames is None:
+        if sampling.mode in ("stride", "all") and sampling.max_frames is None:
             raise ValueError(f"{model_id} was trained on {sampling} without a frame cap; scoring needs one: "
                              "ask for the same sampling with max_frames")
         return sampling

@@ -20,7 +20,8 @@ from flowood_ray.cluster.serve_settings import ServeSettings
 from flowood_ray.media.align import align_face
 from flowood_ray.media.decode import DecodeOutcome, MediaError, MediaInfo, iter_frames, probe
 from flowood_ray.media.faces import CropConfig, Face, FaceTracker
-from flowood_ray.media.sampling import SamplingConfig, sample_indices
+from flowood_ray.media.facecrop import frames_to_sample
+from flowood_ray.media.sampling import SamplingConfig
 
 
 class FaceCropper:
@@ -92,7 +93,7 @@ class FaceCropper:
         if info.duration_s > settings.max_video_seconds or info.frame_count > settings.max_video_frames:
             raise ApiError(422, "video_too_long", f"{info.duration_s:.1f} s / {info.frame_count} frames exceed the "
                            f"{settings.max_video_seconds} s / {settings.max_video_frames} frame limit")
-        indices = sample_indices(info.frame_count, sampling or SamplingConfig(num_frames=settings.frames_per_video))
+        indices = frames_to_sample(path, info, sampling or SamplingConfig(num_frames=settings.frames_per_video))
         outcome = DecodeOutcome()
         crops: list[np.ndarray] = []
         rows: list[tuple[int, float, Face]] = []

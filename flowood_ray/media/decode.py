@@ -330,12 +330,7 @@ def _iter_frames_pyav(
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     outcome.backend = "pyav"
     if wanted is not None and wanted[-1] + 1 > len(wanted):
-        try:
-            with _open_video(path) as container:
-                index = PacketIndex.read(container)
-        except (av.error.FFmpegError, OSError) as exc:
-            log.debug("%s: no packet index (%s); decoding sequentially", path, exc)
-            index = None
+        index = _packet_index(path)
         if index is not None:
             outcome.backend = "pyav-seek"
             wanted = yield from _decode_seeking(path, info, index, wanted, outcome, threads)
@@ -344,6 +339,25 @@ def _iter_frames_pyav(
             log.warning("%s: a frame's timestamp is not among the packets'; decoding the rest sequentially", path)
             outcome.backend = "pyav"
     yield from _decode_sequential(path, info, wanted, outcome, threads)
+
+
+def _packet_index(path: Path) -> PacketIndex | None:
+    try:
+        with _open_video(path) as container:
+            return PacketIndex.read(container)
+    except (av.error.FFmpegError, OSError) as exc:
+        log.debug("%s: no packet index (%s); decoding sequentially", path, exc)
+        return None
+
+
+def keyframe_indices(path: Path, info: MediaInfo) -> np.ndarray | None:
+    """Display indices of the frames a decoder can start from (one demux pass, nothing decoded), or None
+    where they are not known: still images, files only OpenCV opens, containers whose keyframe flags are
+    not to be trusted (see seeking.py)."""
+    if info.kind != "video" or info.codec == "opencv":
+        return None
+    index = _packet_index(Path(path))
+    return None if index is None else index.keyframes
 
 
 def _decoding(container: av.container.InputContainer, threads: int) -> av.video.stream.VideoStream:

@@ -13,7 +13,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from flowood_ray.media.align import align_face
-from flowood_ray.media.decode import DecodeOutcome, MediaError, iter_frames, probe
+from flowood_ray.media.decode import DecodeOutcome, MediaError, MediaInfo, iter_frames, keyframe_indices, probe
 from flowood_ray.media.faces import CropConfig, FaceTracker
 from flowood_ray.media.landmarks import MESH_POINTS, FaceMesher
 from flowood_ray.media.manifest import MANIFEST_SCHEMA
@@ -106,6 +106,12 @@ class _MaskFollower:
         return self._next[2][..., 0]
 
 
+def frames_to_sample(path: Path, info: MediaInfo, sampling: SamplingConfig) -> list[int]:
+    """The frame indices `sampling` picks in this file; segments mode reads where its keyframes are."""
+    keyframes = keyframe_indices(path, info) if sampling.mode == "segments" else None
+    return sample_indices(info.frame_count, sampling, keyframes)
+
+
 class VideoCropper:
     """Owns a MediaPipe graph; build one per process or actor and reuse it across videos."""
 
@@ -139,7 +145,7 @@ class VideoCropper:
 
     def _crop_frames(self, video_id: str, path: Path, info, result: dict[str, object], sink: CropSink,
                      mask_path: Path | None) -> None:
-        indices = sample_indices(info.frame_count, self.sampling)
+        indices = frames_to_sample(path, info, self.sampling)
         outcome = DecodeOutcome()
         masks = None
         if mask_path is not None:
