@@ -15,7 +15,7 @@ clips, with x264's default GOP (250 frames) and with a 2 s GOP. At the scoring d
 frames: sequential decoding, decoding with keyframe seeking (what the pipeline does), and the whole crop step
 (seeking decode + detect + align + crop). With `--segments 4` (4 runs of 8 frames from keyframes): the
 decode and the crop step.
-Usage: python bench/preprocess.py [--archive DIR] [--resolution 720] [--lengths 10 60] [--workdir DIR]
+Usage: python bench/preprocess.py [--archive DIR] [--resolution 720] [--lengths 10 60 [--lengths-only]] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -135,9 +135,15 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help="re-encode the videos to this many lines first")
     parser.add_argument("--videos", type=int, default=12, help="videos of --archive used with --resolution")
     parser.add_argument("--lengths", type=float, nargs="+", help="seconds: cost per video at 32 sampled frames")
+    parser.add_argument("--lengths-only", action="store_true", help="with --lengths: skip the a/b/c throughput runs")
     args = parser.parse_args()
+    if args.lengths_only and not args.lengths:
+        parser.error("--lengths-only needs --lengths")
     logging.basicConfig(level=logging.WARNING)
     archive = args.archive or synthetic_archive(args.workdir, identities=6, frames=args.frames)
+    if args.lengths_only:  # the clips themselves are the sources, each re-encoded once per length
+        lengths_report(source_videos(archive, 3), args.workdir, args.resolution or 720, args.lengths)
+        return
     if args.resolution:
         sources = source_videos(archive, args.videos)
         archive = at_resolution(sources, args.workdir / f"archive{args.resolution}p", args.resolution)
