@@ -25,6 +25,8 @@ def test_sample_indices_modes() -> None:
         SamplingConfig(mode="uniform", stride=2)
     with pytest.raises(ValueError):
         SamplingConfig(mode="uniform", segments=2)
+    assert SamplingConfig().bounded and SamplingConfig(mode="segments").bounded
+    assert SamplingConfig(mode="all", max_frames=4).bounded and not SamplingConfig(mode="stride", stride=2).bounded
 
 
 def test_segment_runs_are_spread_and_start_at_keyframes() -> None:

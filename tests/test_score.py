@@ -164,9 +164,10 @@ def test_score_cli_samples_segment_runs_from_keyframes(archive: Path, trained_mo
     manifest = tmp_path / "few.parquet"
     pq.write_table(few, manifest)
     out = tmp_path / "s"
-    subprocess.run([sys.executable, "-m", "flowood_ray.cli", "score", str(manifest), "--out", str(out), "--model",
-                    MODELS[0], "--frames", "8", "--segments", "2", "--local", "--tracking-uri",
-                    trained_models["tracking_uri"]], check=True, timeout=600, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "flowood_ray.cli", "score", str(manifest), "--out", str(out),
+                           "--model", MODELS[0], "--frames", "8", "--segments", "2", "--local", "--tracking-uri",
+                           trained_models["tracking_uri"]], timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     _, frames = read_scores(out)
     runs = SamplingConfig(mode="segments", num_frames=8, segments=2)
     for row in few.to_pylist():

@@ -71,7 +71,7 @@ class ScoreConfig(BaseModel):
     @model_validator(mode="after")
     def _bounded_frames(self) -> "ScoreConfig":
         # Crops of one video are scored together, so their number must be bounded whatever the video.
-        if self.sampling.mode != "uniform" and self.sampling.max_frames is None:
+        if not self.sampling.bounded:
             raise ValueError("scoring needs a bounded number of frames per video: set max_frames")
         if not self.models:
             raise ValueError("at least one model is needed")
@@ -126,7 +126,7 @@ def sampling_of(bundles: Sequence[ModelBundle], requested: SamplingConfig | None
         return requested or SamplingConfig()
     model_id, sampling = next(iter(trained.items()))
     if requested is None:
-        if sampling.mode in ("stride", "all") and sampling.max_frames is None:
+        if not sampling.bounded:
             raise ValueError(f"{model_id} was trained on {sampling} without a frame cap; scoring needs one: "
                              "ask for the same sampling with max_frames")
         return sampling

@@ -29,6 +29,11 @@ class SamplingConfig(BaseModel):
             raise ValueError("segments is only used with mode='segments'")
         return self
 
+    @property
+    def bounded(self) -> bool:
+        """Whether a video of any length yields a fixed maximum number of frames."""
+        return self.mode in ("uniform", "segments") or self.max_frames is not None
+
 
 def sample_indices(frame_count: int, config: SamplingConfig, keyframes: Sequence[int] | None = None) -> list[int]:
     """Sorted, unique frame indices in [0, frame_count). `keyframes` (display indices, ascending) places the
