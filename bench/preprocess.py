@@ -41,7 +41,7 @@ from flowood_ray.media.decode import DecodeOutcome, iter_frames, probe
 from flowood_ray.media.manifest import VIDEO_EXTENSIONS
 from flowood_ray.media.sampling import sample_indices
 from flowood_ray.media.faces import CropConfig
-from flowood_ray.media.facecrop import VideoCropper
+from flowood_ray.media.facecrop import VideoCropper, frames_to_sample
 from flowood_ray.media.sampling import SamplingConfig
 from flowood_ray.media.shards import prepare_output, write_shard
 
@@ -108,7 +108,7 @@ def cost_per_video(sources: list[Path], workdir: Path, lines: int, seconds: floa
     for video in videos:
         info = probe(video)
         wanted = sample_indices(info.frame_count, uniform)
-        in_runs = sample_indices(info.frame_count, runs, decode.keyframe_indices(video, info))
+        in_runs = frames_to_sample(video, info, runs)
         for name, run in (
             ("sequential decode", lambda: list(decode._decode_sequential(video, info, wanted, DecodeOutcome(), 0))),
             ("seeking decode", lambda: list(iter_frames(video, info, wanted, DecodeOutcome()))),
