@@ -12,6 +12,8 @@
   --load    2,000 requests at concurrency 16; counts errors by kind
   --replicas 2  redeploys with that many replicas and measures concurrency 32 again: requests/s beside
             the one-replica figure (each replica owns one CPU; the client shares the machine)
+  --ingress  haproxy (HAProxy on the port, straight to the replicas) or proxy (Ray's Python proxy); auto,
+            the default, is what `flowood serve` picks: HAProxy when Serve can find its binary
 
 The image is a real photo (scikit-image's astronaut) as a 320x240 JPEG. A small Glow and a small
 VQ-VAE are trained on a synthetic benchmark and registered first (not timed), unless --model and
@@ -20,7 +22,7 @@ Everything stays on loopback and every phase has a fixed request count (the plai
 heatmaps stop when those end, or at a cap), so the run ends by itself. The load average is printed at
 the start and before the heatmap phase: the machine may be shared.
 Usage: python bench/serve.py [--model URI --tracking-uri URI [--heatmap-model URI]] [--requests N]
-       [--heatmaps N] [--bare-repeats N] [--load]
+       [--heatmaps N] [--bare-repeats N] [--load] [--replicas N] [--ingress auto|haproxy|proxy]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import synthetic_crops  # noqa: E402
 
 from flowood_ray.cluster.serve import run_server  # noqa: E402
+from flowood_ray.cluster.serve_ingress import choose_ingress  # noqa: E402
 from flowood_ray.cluster.serve_inputs import decode_image  # noqa: E402
 from flowood_ray.cluster.serve_settings import TOKEN_ENV  # noqa: E402
 from flowood_ray.cluster.train import TrainConfig  # noqa: E402
@@ -214,6 +217,7 @@ def main() -> None:
     parser.add_argument("--heatmaps", type=int, default=8, help="heatmap requests per heatmap measurement")
     parser.add_argument("--bare-repeats", type=int, default=100, help="timed in-process repeats")
     parser.add_argument("--replicas", type=int, default=0, help="also measure concurrency 32 with this many replicas")
+    parser.add_argument("--ingress", choices=("auto", "haproxy", "proxy"), default="auto")
     parser.add_argument("--load", action="store_true", help=f"also send {LOAD_REQUESTS} requests at "
                         f"concurrency {LOAD_CONCURRENCY} and count errors")
     args = parser.parse_args()
@@ -230,11 +234,13 @@ def main() -> None:
             if f"flowood-{family}" not in registered:
                 train_and_register(synthetic_crops(args.workdir), TrainConfig(family=family, epochs=1, workers=2),
                                    configs, f"bench-serve-{family}", args.workdir / "ray_results", tracking)
+        # The ingress is chosen where Ray starts: the server below starts its own.
+        ray.shutdown()
     configure(tracking)
     data = face_jpeg()
     bare, score_only = bare_seconds(model, data, repeats=args.bare_repeats)
     print(f"model {model}; image 320x240 JPEG, {len(data)} bytes; {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}; ingress {choose_ingress(args.ingress)}")
     print(f"bare in-process: {bare * 1000:7.2f} ms per image (decode+detect+align+score), "
           f"score alone {score_only * 1000:.2f} ms")
 
@@ -243,7 +249,7 @@ def main() -> None:
     headers = {"content-type": "image/jpeg", **({"authorization": f"Bearer {token}"} if token else {})}
     url = f"http://127.0.0.1:{port}/v1/score/image"
     run_server([model, *([heatmap_model] if heatmap_model else [])], host="127.0.0.1", port=port,
-               tracking_uri=tracking, blocking=False)
+               tracking_uri=tracking, ingress=args.ingress, blocking=False)
     try:
         asyncio.run(hammer(url, data, headers, WARMUP, 1))
         columns = ("concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s")

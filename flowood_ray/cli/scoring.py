@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 
 from flowood_ray.cli.common import TrackingOption, app, fail
 from flowood_ray.cli.data import load_manifest
+from flowood_ray.cluster.serve_ingress import Ingress
 from flowood_ray.media.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -131,6 +132,9 @@ def serve(
     gpus_per_replica: Annotated[float, typer.Option(help="GPUs per replica; > 0 runs the models on CUDA")] = 0.0,
     tracking_uri: TrackingOption = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
+    ingress: Annotated[str, typer.Option(
+        help="front door of a local Ray: haproxy (HAProxy straight to the replicas), proxy (Ray's Python proxy), "
+        "or auto (haproxy when the binary is on PATH); a running cluster keeps its own")] = "auto",
 ) -> None:
     """Online scoring over HTTP (Ray Serve): POST /v1/score/image, /v1/score/video; GET /v1/models, /healthz.
 
@@ -140,7 +144,9 @@ def serve(
     from flowood_ray.cluster.serve import run_server
 
     try:
+        if ingress not in get_args(Ingress):
+            raise ValueError(f"--ingress must be one of {', '.join(get_args(Ingress))}, not {ingress!r}")
         run_server(model, host=host, port=port, tracking_uri=tracking_uri, address=address, num_replicas=replicas,
-                   gpus_per_replica=gpus_per_replica)
+                   gpus_per_replica=gpus_per_replica, ingress=ingress)
     except (ValidationError, ValueError) as exc:
         fail(str(exc))

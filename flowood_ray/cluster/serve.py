@@ -32,6 +32,7 @@ Run with `serve run flowood_ray.cluster.serve:build_app model=models:/flowood-gl
 import asyncio
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from typing import Annotated, Any, TypeVar
 
 import cv2
 import numpy as np
+import ray
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
@@ -49,6 +51,7 @@ from ray.serve import Application
 from flowood_ray import __version__
 from flowood_ray.cluster.serve_faces import FaceCropper
 from flowood_ray.cluster.serve_heatmaps import restoration_heatmaps
+from flowood_ray.cluster.serve_ingress import Ingress, set_local_ingress
 from flowood_ray.cluster.serve_inputs import (IMAGE_TYPES, VIDEO_TYPES, check_bearer_token, check_declared_length,
                                               read_image_body, spool_video_body)
 from flowood_ray.cluster.serve_models import (MultiplexedModels, ServedModel, model_aliases, primary_scores,
@@ -276,11 +279,13 @@ def run_server(
     address: str | None = None,
     num_replicas: int = 1,
     gpus_per_replica: float = 0.0,
+    ingress: Ingress = "auto",
     blocking: bool = True,
     **settings: Any,
 ) -> None:
     """Start Serve on `host:port` and deploy the scoring app (`flowood serve`); blocks until Ctrl-C when
-    `blocking`. `token` defaults to $FLOWOOD_API_TOKEN; `settings` are further ServeSettings fields."""
+    `blocking`. `token` defaults to $FLOWOOD_API_TOKEN; `settings` are further ServeSettings fields;
+    `ingress` is the front door when this call starts Ray (serve_ingress)."""
     from flowood_ray.cluster.runtime import init_ray
 
     fields: dict[str, Any] = {"models": model_uris, "tracking_uri": configure(tracking_uri), **settings}
@@ -290,6 +295,8 @@ def run_server(
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the API is reachable from other machines%s", host,
                     "" if config.token else f" and has no token (set {TOKEN_ENV})")
+    starts_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+    chosen = set_local_ingress(ingress, starts_ray)
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     try:
@@ -298,7 +305,8 @@ def run_server(
             options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
             config = config.model_copy(update={"device": "cuda"})
         serve.run(build_application(config, **options), name=APP_NAME, route_prefix="/")
-        log.info("scoring %s at http://%s:%d (docs at /docs)", config.models, host, port)
+        log.info("scoring %s at http://%s:%d (docs at /docs; ingress: %s)", config.models, host, port,
+                 chosen or "the running Ray's")
         while blocking:
             time.sleep(3600)
     except KeyboardInterrupt:
