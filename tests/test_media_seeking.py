@@ -11,6 +11,7 @@ import pytest
 from conftest import write_video
 from flowood_ray.media import decode
 from flowood_ray.media.decode import DecodeOutcome, iter_frames, probe
+from flowood_ray.media.facecrop import frames_to_sample
 from flowood_ray.media.sampling import SamplingConfig, sample_indices
 from flowood_ray.media.seeking import PacketIndex
 
@@ -157,3 +158,22 @@ def test_segment_runs_from_keyframes_decode_only_their_own_frames(
 def test_keyframes_are_unknown_where_the_flags_cannot_be_trusted(tmp_path: Path) -> None:
     path = write_video(tmp_path / "v.mpg", _moving_frames(12, side=32), "mpeg2video", options={"g": "6"})
     assert decode.keyframe_indices(path, probe(path)) is None
+
+
+def test_segments_sampling_demuxes_a_file_once_and_a_rewritten_file_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keyframes that place the runs and the index that seeks to them come from one demux pass."""
+    gop = {"keyint_min": "20", "bf": "0", "sc_threshold": "0"}
+    path = write_video(tmp_path / "v.mp4", _moving_frames(120, side=32), "libx264", options={"g": "20", **gop})
+    reads: list[str] = []
+    real_read = PacketIndex.read.__func__
+    monkeypatch.setattr(PacketIndex, "read", classmethod(lambda cls, c: reads.append(c.name) or real_read(cls, c)))
+    info = probe(path)
+    wanted = frames_to_sample(path, info, SamplingConfig(mode="segments", num_frames=8, segments=2))
+    assert [i for i, _, _ in iter_frames(path, info, wanted, DecodeOutcome())] == wanted
+    assert reads == [str(path)]
+
+    write_video(path, _moving_frames(150, side=32), "libx264", options={"g": "30", **gop})
+    assert decode.keyframe_indices(path, probe(path)).tolist() == list(range(0, 150, 30))
+    assert len(reads) == 2

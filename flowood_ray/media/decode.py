@@ -10,6 +10,7 @@ own header (`read_image_header`), videos by FFmpeg itself (`max_pixels`) and by 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -343,7 +344,19 @@ def _iter_frames_pyav(
 
 def _packet_index(path: Path) -> PacketIndex | None:
     try:
-        with _open_video(path) as container:
+        stat = os.stat(path)
+    except OSError as exc:
+        log.debug("%s: no packet index (%s); decoding sequentially", path, exc)
+        return None
+    return _read_packet_index(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+# Segments sampling reads a file's keyframes and then decodes it: one demux pass serves both. The
+# modification time and size in the key keep a rewritten file from being read with a stale index.
+@functools.lru_cache(maxsize=16)
+def _read_packet_index(path: str, mtime_ns: int, size: int) -> PacketIndex | None:
+    try:
+        with _open_video(Path(path)) as container:
             return PacketIndex.read(container)
     except (av.error.FFmpegError, OSError) as exc:
         log.debug("%s: no packet index (%s); decoding sequentially", path, exc)
