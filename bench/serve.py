@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import synthetic_crops  # noqa: E402
 
 from flowood_ray.cluster.serve import run_server  # noqa: E402
-from flowood_ray.cluster.serve_ingress import choose_ingress  # noqa: E402
+from flowood_ray.cluster.serve_ingress import choose_ingress, free_port  # noqa: E402
 from flowood_ray.cluster.serve_inputs import decode_image  # noqa: E402
 from flowood_ray.cluster.serve_settings import TOKEN_ENV  # noqa: E402
 from flowood_ray.cluster.train import TrainConfig  # noqa: E402
@@ -198,12 +197,6 @@ def heatmap_phase(url: str, data: bytes, headers: dict[str, str], model: str, re
 def percentiles_ms(latencies: list[float]) -> tuple[float, float, float]:
     p50, p95, p99 = np.percentile(np.array(latencies) * 1000.0, [50, 95, 99])
     return float(p50), float(p95), float(p99)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

@@ -13,6 +13,9 @@ import pytest
 import skimage.data
 import torch
 
+from flowood_ray.cluster.serve_ingress import free_port  # noqa: F401  (the tests import it from here)
+
+
 @pytest.fixture(autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """Two cores shared with Ray workers: more intra-op threads only make small tensors slower."""
@@ -119,14 +122,6 @@ def synth_crops(tmp_path_factory: pytest.TempPathFactory) -> Path:
         workers=2, videos_per_shard=4,
     )
     return root / "crops"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 TINY_MODELS = {

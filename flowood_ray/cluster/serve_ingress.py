@@ -86,12 +86,13 @@ def _local_haproxy_environment() -> dict[str, str]:
     settings of these variables are kept."""
     files = tempfile.mkdtemp(prefix="flowood-haproxy-")
     defaults = {name: os.path.normpath(os.path.join(files, leaf)) for name, leaf in HAPROXY_FILES.items()}
-    defaults |= {name: str(_free_port()) for name in HAPROXY_PORTS}
+    defaults |= {name: str(free_port()) for name in HAPROXY_PORTS}
     defaults[DRAIN_ENV] = LOCAL_DRAIN_S
     return {name: os.environ.get(name, value) for name, value in defaults.items()}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
