@@ -1,13 +1,13 @@
 """Which front door HTTP requests come through: HAProxy in front of the replicas, or Ray's Python proxy.
 
 Ray's HTTP proxy is a Python actor: a request costs a hop through it, and the replica then fetches the
-body from it with one more actor call. On the 2-core build machine that was 13 ms of a 22 ms overhead at
+body from it with one more actor call. On the 2-core build machine that was 13 ms of a 23 ms overhead at
 concurrency 1 (bench/serve.py). With `RAY_SERVE_ENABLE_HA_PROXY=1` Serve runs HAProxy on the HTTP port
 instead and each replica listens for HTTP itself, so a request goes straight to a replica's uvicorn.
 
 Both are read by the Serve controller and the replicas when they start, so the choice is made where Ray
 starts: here when `flowood serve` starts a local Ray, in the nodes' environment on a cluster
-(deploy/raycluster.yaml, deploy/rayservice.yaml).
+(deploy/rayservice.yaml).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def set_local_ingress(requested: Ingress, starts_ray: bool) -> Literal["haproxy"
 
 
 def _local_haproxy_environment() -> dict[str, str]:
-    """HAProxy's files in a directory of this run's and free stats and metrics ports; an operator's own
-    settings of these variables are kept."""
+    """HAProxy's files in a directory of this run's, free ports for its stats, its metrics and the fallback
+    proxy, and the local drain period; an operator's own settings of these variables are kept."""
     files = tempfile.mkdtemp(prefix="flowood-haproxy-")
     defaults = {name: os.path.normpath(os.path.join(files, leaf)) for name, leaf in HAPROXY_FILES.items()}
     defaults |= {name: str(free_port()) for name in HAPROXY_PORTS}
