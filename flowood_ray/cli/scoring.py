@@ -134,7 +134,8 @@ def serve(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local)")] = None,
     ingress: Annotated[str, typer.Option(
         help="front door of a local Ray: haproxy (HAProxy straight to the replicas), proxy (Ray's Python proxy), "
-        "or auto (haproxy when the binary is on PATH); a running cluster keeps its own")] = "auto",
+        "or auto (haproxy when Serve finds its binary, which Ray's serve extra ships on Linux); a running cluster keeps "
+        "its own")] = "auto",
 ) -> None:
     """Online scoring over HTTP (Ray Serve): POST /v1/score/image, /v1/score/video; GET /v1/models, /healthz.
 

@@ -13,11 +13,20 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def _cluster_address(address: str | None) -> str | None:
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def starts_local_ray(address: str | None = None) -> bool:
+    """Whether `init_ray(address)` would start a local Ray (rather than reuse or join one)."""
+    return not ray.is_initialized() and _cluster_address(address) is None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Idempotent `ray.init`; `address` (or RAY_ADDRESS) joins a cluster, otherwise a local one starts."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = _cluster_address(address)
     # Workers inherit the driver's package through the shared filesystem on one machine;
     # on a cluster the image or `ray job submit --working-dir` provides it.
     runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}

@@ -32,7 +32,6 @@ Run with `serve run flowood_ray.cluster.serve:build_app model=models:/flowood-gl
 import asyncio
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,7 +41,6 @@ from typing import Annotated, Any, TypeVar
 
 import cv2
 import numpy as np
-import ray
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
@@ -286,7 +284,7 @@ def run_server(
     """Start Serve on `host:port` and deploy the scoring app (`flowood serve`); blocks until Ctrl-C when
     `blocking`. `token` defaults to $FLOWOOD_API_TOKEN; `settings` are further ServeSettings fields;
     `ingress` is the front door when this call starts Ray (serve_ingress)."""
-    from flowood_ray.cluster.runtime import init_ray
+    from flowood_ray.cluster.runtime import init_ray, starts_local_ray
 
     fields: dict[str, Any] = {"models": model_uris, "tracking_uri": configure(tracking_uri), **settings}
     if token is not None:
@@ -295,8 +293,7 @@ def run_server(
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: the API is reachable from other machines%s", host,
                     "" if config.token else f" and has no token (set {TOKEN_ENV})")
-    starts_ray = not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
-    chosen = set_local_ingress(ingress, starts_ray)
+    chosen = set_local_ingress(ingress, starts_local_ray(address))
     init_ray(address)
     serve.start(http_options={"host": host, "port": port})
     try:
