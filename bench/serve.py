@@ -3,7 +3,9 @@
   bare      decode + detect + align + score of one face image in this process (no HTTP, no Serve)
   c1/c8/c32 POST /v1/score/image at concurrency 1, 8 and 32 against a local Serve on 127.0.0.1:
             p50/p95/p99 latency and requests/s
-  overhead  Serve p50 at concurrency 1 minus the bare time per image
+  overhead  Serve p50 at concurrency 1 minus the bare p50, measured alternately: one image in this
+            process, then one request, so both see the same load (Ray's processes, other jobs); also
+            against the bare time measured before the server started
   floor     p50 of GET /healthz, which does no work: what HTTP, the Serve proxy and the replica cost alone
   heatmaps  against a VQ-VAE (the demo's configuration): p50 of plain requests and of `?heatmap=1`
             requests for the same image, one at a time; then heatmap requests one after another while
@@ -77,30 +79,51 @@ def face_jpeg() -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
 
-def bare_seconds(uri: str, data: bytes, repeats: int) -> tuple[float, float]:
-    """Median seconds per image of decode + detect + align + score, and of the score call alone."""
-    # One intra-op thread, as in a replica (Ray sets OMP_NUM_THREADS to its num_cpus = 1): two threads on
-    # the busy shared cores made the Glow score 40 times slower than in the replica.
-    torch.set_num_threads(1)
-    bundle = load_registered(uri)
-    scorer = build_scorer(bundle)
-    crop = CropConfig(**bundle.extra.get("crop", {}))
-    detector = FaceDetector(crop)
-    total, scoring = [], []
-    try:
-        for _ in range(repeats + WARMUP):
+class BareModel:
+    """decode + detect + align + score of one face image in this process, as a replica does it."""
+
+    def __init__(self, uri: str) -> None:
+        # One intra-op thread, as in a replica (Ray sets OMP_NUM_THREADS to its num_cpus = 1): two threads on
+        # the busy shared cores made the Glow score 40 times slower than in the replica.
+        torch.set_num_threads(1)
+        bundle = load_registered(uri)
+        self.scorer = build_scorer(bundle)
+        self.crop = CropConfig(**bundle.extra.get("crop", {}))
+        self.detector = FaceDetector(self.crop)
+
+    def seconds(self, data: bytes) -> tuple[float, float]:
+        """(seconds for the whole image, seconds of the score call alone)."""
+        start = time.perf_counter()
+        rgb = decode_image(data, "image/jpeg", 4096 * 4096)
+        faces = sorted(self.detector.detect(rgb), key=lambda f: f.area, reverse=True)
+        crops = np.stack([align_face(rgb, f.keypoints, self.crop.size, self.crop.margin)[0] for f in faces])
+        scored = time.perf_counter()
+        self.scorer.score(crops)
+        end = time.perf_counter()
+        return end - start, end - scored
+
+    def median_seconds(self, data: bytes, repeats: int) -> tuple[float, float]:
+        timings = [self.seconds(data) for _ in range(repeats + WARMUP)][WARMUP:]
+        return statistics.median(t for t, _ in timings), statistics.median(s for _, s in timings)
+
+
+def alternating(bare: BareModel, url: str, data: bytes, headers: dict[str, str],
+                requests: int) -> tuple[list[float], list[float], Counter[str], float]:
+    """One image in this process, then one request to Serve, `requests` times: the bare and served
+    latencies side by side under the same load (Ray's own processes included), outcomes, wall seconds of
+    the requests."""
+    bare_latencies: list[float] = []
+    served: list[float] = []
+    outcomes: Counter[str] = Counter()
+    with httpx.Client(timeout=120) as client:
+        for _ in range(requests):
+            bare_latencies.append(bare.seconds(data)[0])
             start = time.perf_counter()
-            rgb = decode_image(data, "image/jpeg", 4096 * 4096)
-            faces = sorted(detector.detect(rgb), key=lambda f: f.area, reverse=True)
-            crops = np.stack([align_face(rgb, f.keypoints, crop.size, crop.margin)[0] for f in faces])
-            scored = time.perf_counter()
-            scorer.score(crops)
-            end = time.perf_counter()
-            total.append(end - start)
-            scoring.append(end - scored)
-    finally:
-        detector.close()
-    return statistics.median(total[WARMUP:]), statistics.median(scoring[WARMUP:])
+            response = client.post(url, content=data, headers=headers)
+            outcomes[str(response.status_code)] += 1
+            if response.status_code == 200:
+                served.append(time.perf_counter() - start)
+    return bare_latencies, served, outcomes, sum(served)
 
 
 async def hammer(url: str, data: bytes, headers: dict[str, str], requests: int, concurrency: int,
@@ -231,7 +254,8 @@ def main() -> None:
         ray.shutdown()
     configure(tracking)
     data = face_jpeg()
-    bare, score_only = bare_seconds(model, data, repeats=args.bare_repeats)
+    bare_model = BareModel(model)
+    bare, score_only = bare_model.median_seconds(data, args.bare_repeats)
     print(f"model {model}; image 320x240 JPEG, {len(data)} bytes; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; ingress {choose_ingress(args.ingress)}")
     print(f"bare in-process: {bare * 1000:7.2f} ms per image (decode+detect+align+score), "
@@ -247,19 +271,22 @@ def main() -> None:
         asyncio.run(hammer(url, data, headers, WARMUP, 1))
         columns = ("concurrency", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s")
         print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (11, 8, 6, 8, 8, 8, 7))))
-        serve_p50 = float("nan")
         rates: dict[int, float] = {}
         for concurrency in CONCURRENCY:
-            latencies, outcomes, wall = asyncio.run(hammer(url, data, headers, args.requests, concurrency))
+            if concurrency == 1:
+                bare_beside, latencies, outcomes, wall = alternating(bare_model, url, data, headers, args.requests)
+            else:
+                latencies, outcomes, wall = asyncio.run(hammer(url, data, headers, args.requests, concurrency))
             p50, p95, p99 = percentiles_ms(latencies)
             errors = args.requests - outcomes["200"]
             rates[concurrency] = outcomes["200"] / wall
             print(f"{concurrency:>11} {args.requests:>8} {errors:>6} {p50:8.1f} {p95:8.1f} {p99:8.1f} "
                   f"{args.requests / wall:7.1f}")
             if concurrency == 1:
-                serve_p50 = p50
-        print(f"overhead of Serve + HTTP at concurrency 1: {serve_p50 - bare * 1000:.1f} ms per request "
-              f"(p50 {serve_p50:.1f} ms vs bare {bare * 1000:.1f} ms)")
+                serve_p50, bare_p50 = p50, percentiles_ms(bare_beside)[0]
+        print(f"overhead of Serve + HTTP at concurrency 1: {serve_p50 - bare_p50:.1f} ms per request (p50 "
+              f"{serve_p50:.1f} ms vs bare {bare_p50:.1f} ms, one bare image before each request); against the "
+              f"bare time before the server started ({bare * 1000:.1f} ms): {serve_p50 - bare * 1000:.1f} ms")
         floor = asyncio.run(hammer(url.replace("/v1/score/image", "/healthz"), b"", {}, args.requests, 1, "GET"))[0]
         print(f"floor: GET /healthz (no body, no work) p50 {percentiles_ms(floor)[0]:.1f} ms at concurrency 1")
         if heatmap_model:
@@ -280,6 +307,7 @@ def main() -> None:
             print(f"{args.replicas} replicas at concurrency 32: {outcomes['200'] / wall:.1f} req/s (p50 {p50:.1f} ms, "
                   f"errors {args.requests - outcomes['200']}), {outcomes['200'] / wall / rates[32]:.2f}x one replica")
     finally:
+        bare_model.detector.close()
         serve.shutdown()
         ray.shutdown()
 

@@ -2,9 +2,9 @@
 
 One deployment with a FastAPI ingress. A request is authorised and its declared size checked before
 any of its body is read; the body is then streamed in under a byte cap, decoded (serve_inputs) and
-its faces are detected and aligned in a thread pool (serve_faces). The crops are scored through
-`@serve.batch` together with other requests' crops: scorers are batch-independent, so batching
-changes throughput, never results. Models come from the MLflow registry, aliases resolved and
+its faces are detected and aligned in a thread pool (serve_faces). The crops are scored alone when
+the replica is idle, else through `@serve.batch` together with other requests' crops (serve_queue):
+scorers are batch-independent, so batching changes throughput, never results. Models come from the MLflow registry, aliases resolved and
 models multiplexed as serve_models describes.
 
 Verdict: `fake` when the model's primary score is above the threshold calibrated on real
@@ -54,6 +54,7 @@ from flowood_ray.cluster.serve_inputs import (IMAGE_TYPES, VIDEO_TYPES, check_be
                                               read_image_body, spool_video_body)
 from flowood_ray.cluster.serve_models import (MultiplexedModels, ServedModel, model_aliases, primary_scores,
                                               score_jobs)
+from flowood_ray.cluster.serve_queue import ForwardPasses
 from flowood_ray.cluster.serve_schemas import (ERROR_RESPONSES, ApiError, FaceScore, FrameScore, Health, Heatmap,
                                                ImageResult, ModelEntry, ModelList, VideoResult, VideoScore,
                                                add_error_handlers, body_doc)
@@ -109,6 +110,9 @@ class ScoringService(MultiplexedModels):
         self._faces = FaceCropper(settings)
         # Heatmaps queue among themselves, not behind or in front of scoring, nor on the media threads.
         self._heatmap_pool = ThreadPoolExecutor(1, thread_name_prefix="flowood-heatmap")
+        self._forward_passes: ForwardPasses[tuple[ServedModel, np.ndarray], dict[str, np.ndarray]] = ForwardPasses(
+            lambda job: score_jobs([job])[0], self._score_batch
+        )
         model = self._preload_default_model()
         # The first request does not pay for the download, the detector and torch's first call.
         with self._faces.tracker(model.crop) as tracker:
@@ -127,11 +131,12 @@ class ScoringService(MultiplexedModels):
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    # No lock around the models: Serve runs one batch at a time, and restoration maps only read the
-    # modules scoring runs (no hooks, no buffers), so a map can be made while a batch is scored.
+    # Restoration maps only read the modules scoring runs (no hooks, no buffers), so a map can be made
+    # while crops are scored.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _score_batch(self, jobs: list[tuple[ServedModel, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        return await asyncio.to_thread(score_jobs, jobs)
+        async with self._forward_passes.turn():
+            return await asyncio.to_thread(score_jobs, jobs)
 
     async def _heatmaps(self, model: ServedModel, crops: np.ndarray, chosen: list[int]) -> list[Heatmap | None]:
         """Maps for the crops at `chosen` (the rest get None): the requests that asked share one thread."""
@@ -192,7 +197,7 @@ class ScoringService(MultiplexedModels):
                            "consecutive frames; send the video to /v1/score/video")
         data, declared = await read_image_body(request, self.settings.max_body_bytes)
         rgb, crops, faces = await self._in_pool(self._faces.image_crops, data, declared, model.crop)
-        scores = await self._score_batch((model, crops))
+        scores = await self._forward_passes.run((model, crops))
         primary = primary_scores(model, scores)
         maps: list[Heatmap | None] = [None] * len(crops)
         if heatmap:
@@ -219,7 +224,7 @@ class ScoringService(MultiplexedModels):
         with tempfile.TemporaryDirectory(prefix="flowood-serve-") as tmp:
             path = await spool_video_body(request, self.settings.max_body_bytes, Path(tmp))
             info, crops, rows = await self._in_pool(self._faces.video_crops, path, model.crop, model.sampling)
-        scores = await self._score_batch((model, crops))
+        scores = await self._forward_passes.run((model, crops))
         primary = primary_scores(model, scores)
         _, clip_scores = model.scorer.aggregate(np.zeros(len(crops), dtype=np.int64), scores)
         clip = {name: values[:1] for name, values in clip_scores.items()}
