@@ -40,6 +40,7 @@ CLASSIFIER_TESTS = (VALUES, "tests/test_models_classifier.py")
 RESTORATION_TESTS = (VALUES, "tests/test_scoring_restoration.py")
 TYPICALITY_TESTS = (VALUES, "tests/test_scoring_aggregate.py", "tests/test_models_patch.py")
 PARALLEL_RESTORATION_TESTS = ("tests/test_models_vqvae.py", "tests/test_scoring_restoration.py")
+CONFORMAL_TESTS = ("tests/test_scoring_conformal.py", "tests/test_scoring_calibration.py")
 RUN_TIMEOUT_S = 900
 
 
@@ -58,6 +59,7 @@ class Mutation:
 SCORERS, CATALOG = "flowood_ray/scoring/scorers.py", "flowood_ray/models/catalog.py"
 CLASSIFIER, RESTORATION = "flowood_ray/models/classifier.py", "flowood_ray/scoring/restoration.py"
 TRAIN_JOB, VQVAE_MODEL = "flowood_ray/cluster/train_job.py", "flowood_ray/models/vqvae_restore.py"
+CALIBRATION, CONFORMAL = "flowood_ray/scoring/calibration.py", "flowood_ray/scoring/conformal.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # The review's six.
@@ -151,6 +153,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("parallel restoration samples the next position's distribution", VQVAE_MODEL,
              (("chosen = logits[image, position]", "chosen = logits[image, (position + 1) % (h * w)]"),),
              PARALLEL_RESTORATION_TESTS),
+    # Conformal calibration with clips as the units (issue 16).
+    Mutation("frame calibration counts frames as clips", CALIBRATION,
+             (("            weights, n = unit_weights(groups)\n", "            weights, n = np.ones_like(real), real.size\n"),),
+             CONFORMAL_TESTS),
+    Mutation("conformal p-value counts ties as below", CONFORMAL,
+             (("at_least = tail[np.searchsorted(calibration, values, side=\"left\")]",
+               "at_least = tail[np.searchsorted(calibration, values, side=\"right\")]"),), CONFORMAL_TESTS),
+    Mutation("conformal threshold leaves out the new clip's +1", CONFORMAL,
+             (("np.flatnonzero(1.0 + above <= alpha * (n + 1) + 1e-9)", "np.flatnonzero(above <= alpha * (n + 1) + 1e-9)"),),
+             CONFORMAL_TESTS),
+    Mutation("clip weights 1/m^2", CONFORMAL,
+             (("return 1.0 / counts[inverse], int(counts.size)", "return 1.0 / counts[inverse] ** 2, int(counts.size)"),),
+             CONFORMAL_TESTS),
 )
 
 

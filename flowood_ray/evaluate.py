@@ -166,13 +166,21 @@ def _drift_notes(scores_dir: Path) -> list[str]:
                     if check.get("warning")]
 
 
+def _calibration_size(calibration: dict[str, Any]) -> str:
+    """The real clips behind a calibration, and at frame level the frames they gave."""
+    clips, frames = int(calibration["n"]), calibration.get("samples")
+    if calibration["level"] == "frame" and frames is not None:
+        return f"{frames} frames of {clips} real videos"
+    return f"{clips} real {calibration['level']}s"
+
+
 def _run_summary(
     videos: pa.Table, records: list[dict[str, Any]], config: dict[str, Any], notes: list[str]
 ) -> RunSummary:
     models = [
         ModelLine(
             r["name"], r["version"], r["family"], r["primary"],
-            {level: int(r["calibration"][level][r["primary"]]["n"]) for level in ("video", "frame")
+            {level: _calibration_size(r["calibration"][level][r["primary"]]) for level in ("video", "frame")
              if r["primary"] in r["calibration"].get(level, {})},
         )
         for r in records

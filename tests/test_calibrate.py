@@ -41,9 +41,13 @@ def test_every_row_gets_its_exact_conformal_p_value_and_the_verdict_follows_it(
     bundle = load_registered(GLOW)
     primary = bundle.calibration["primary"]
     for level, table in (("video", videos.filter(pc.field("frames_scored") > 0)), ("frame", frames)):
-        reals = np.asarray(Calibration.model_validate(bundle.calibration[level][primary]).scores)
+        calibration = Calibration.model_validate(bundle.calibration[level][primary])
+        reals = np.asarray(calibration.scores)
+        # Frame level: each calibration frame weighs 1/(frames of its clip), and n counts the clips.
+        weights = np.asarray(calibration.weights) if level == "frame" else np.ones_like(reals)
+        assert weights.sum() == pytest.approx(calibration.n) and len(reals) == (calibration.samples or calibration.n)
         scores = table.column(primary).to_numpy()
-        expected = (1 + (reals[None, :] >= scores[:, None]).sum(axis=1)) / (len(reals) + 1)
+        expected = (1 + ((reals[None, :] >= scores[:, None]) * weights).sum(axis=1)) / (calibration.n + 1)
         np.testing.assert_allclose(table.column(f"{primary}_p").to_numpy(), expected)
     for row in videos.to_pylist():
         if row["frames_scored"]:
@@ -102,4 +106,7 @@ def test_calibrate_refuses_fakes_and_too_few_reals_then_registers_same_weights_n
     primary = old.calibration["primary"]
     video = Calibration.model_validate(new.calibration["video"][primary])
     assert video.n == reals.num_rows and sorted(video.scores) == sorted(scores.column(primary).to_pylist())
+    frame = Calibration.model_validate(new.calibration["frame"][primary])
+    # Frame thresholds stand on the clips, not on their frames (up to 4 each).
+    assert (frame.n, frame.samples) == (reals.num_rows, summary["frames"]) and summary["frames"] > reals.num_rows
     assert list(video.thresholds) == [0.1]

@@ -144,6 +144,12 @@ def test_evaluation_is_offline_except_for_pixel_maps(
     assert masks[fake].any() and not masks[~fake].any()
     configure(uri)
     maps = build_scorer(load_registered(f"models:/{pixel['all']['model']}")).pixel_map(crops)
+    # The model line says how many clips stand behind each threshold, and how many frames they gave.
+    glow = load_registered(MODELS[0]).calibration
+    video_cal, frame_cal = (glow[level][glow["primary"]] for level in ("video", "frame"))
+    assert frame_cal["n"] == video_cal["n"] and frame_cal["samples"] > frame_cal["n"]
+    assert (f"thresholds from {video_cal['n']} real videos, {frame_cal['samples']} frames of {frame_cal['n']} real "
+            f"videos") in (tmp_path / "online" / "report.html").read_text()
     assert pixel["all"]["images"] == len(picked) == 10
     assert pixel["all"]["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
 

@@ -133,7 +133,7 @@ def _report(directory: Path) -> tuple[Path, list[dict[str, Any]]]:
     metrics = [r for level, t in tables.items() for r in evaluate_table(t, level, ["nll", "recon"], n_boot=20)]
     calibrations = [*calibrate({"nll": rng.normal(size=100)}, "video").values()]
     summary = RunSummary(
-        [ModelLine("flowood-glow", "2", "glow", "nll", {"video": 100})], "nll", 0.01, calibrations[0].thresholds[0.01],
+        [ModelLine("flowood-glow", "2", "glow", "nll", {"video": "100 real videos"})], "nll", 0.01, calibrations[0].thresholds[0.01],
         {"real": {"real": 29, "fake": 1}, "Deepfakes": {"fake": 14, "real": 1}, "FaceSwap": {"fake": 15}},
     )
     localization = [{"model": "flowood-vqvae/1", "score": "vq_restoration", "subset": "all", "images": 3,

@@ -105,7 +105,7 @@ def test_thresholds_are_conformal_and_agree_with_the_p_values() -> None:
     """Hand-computed: n = 39 reals 1..39 at fpr 0.05 allow K = floor(0.05 * 40) - 1 = 1 real at or above a
     flagged score, so the threshold is the 2nd largest (38) and 38.5 is flagged (p = 2/40) while 38 is
     not (p = 3/40). Catches a quantile threshold that flags more than the conformal p-value allows."""
-    from flowood_ray.scoring.calibration import conformal_threshold
+    from flowood_ray.scoring.conformal import conformal_threshold
 
     reals = np.arange(1.0, 40.0)
     cal = calibrate({"s": reals}, "video", min_samples=3)["s"]
@@ -134,3 +134,35 @@ def test_too_few_reals_flag_nothing_and_say_they_are_unresolved() -> None:
     reloaded = load_calibrations(dump_calibrations({"s": cal}))["s"]
     assert reloaded.thresholds[0.01] is None and reloaded.scores == tuple(np.arange(13.0))
     assert reloaded.resolved == cal.resolved
+
+
+def test_frame_calibration_counts_clips_not_frames() -> None:
+    """600 frames of 12 clips resolve no 5% frame threshold (19 clips needed), where 600 frames counted as
+    units would; the p-values weigh each frame by 1/(frames of its clip), and the weights survive JSON.
+    Catches `groups` being ignored, weights left behind at registration, and n counting frames."""
+    from flowood_ray.scoring.conformal import conformal_p_values, unit_weights
+
+    rng = np.random.default_rng(8)
+    frames = rng.normal(size=600)
+    clips = np.repeat(np.arange(12), 50)
+    cal = calibrate({"s": frames}, "frame", groups=clips)["s"]
+    assert (cal.n, cal.samples) == (12, 600)
+    assert cal.thresholds == {0.01: None, 0.05: None} and cal.resolved == {0.01: False, 0.05: False}
+    assert calibrate({"s": frames}, "frame")["s"].thresholds[0.05] is not None
+    probes = np.array([-1.0, 0.0, 2.5, 9.0])
+    weights, n = unit_weights(clips)
+    np.testing.assert_allclose(cal.p_values(probes), conformal_p_values(probes, frames, weights, n), rtol=0, atol=1e-12)
+    assert cal.p_values(np.array([9.0]))[0] == pytest.approx(1 / 13)  # never below 1/(clips + 1)
+    assert load_calibrations(dump_calibrations({"s": cal}))["s"] == cal
+    # 40 clips of uneven length resolve 5%: the threshold keeps 1 + W(c > t) <= 0.05 * 41.
+    lengths = rng.integers(5, 60, size=40)
+    uneven = rng.normal(size=lengths.sum())
+    wide = calibrate({"s": uneven}, "frame", groups=np.repeat(np.arange(40), lengths))["s"]
+    # ... and is the smallest calibration score that does (the next one down lets too much through).
+    owners = np.repeat(np.arange(40), lengths)
+    clip_shares = lambda cut: np.bincount(owners[uneven > cut], minlength=40) / lengths  # noqa: E731
+    t = wide.threshold(0.05)
+    assert 1 + clip_shares(t).sum() <= 0.05 * 41 + 1e-9
+    assert 1 + clip_shares(uneven[uneven < t].max()).sum() > 0.05 * 41
+    with pytest.raises(ValueError, match="600 scores but 599 clip ids"):
+        calibrate({"s": frames}, "frame", groups=clips[:-1])

@@ -10,11 +10,17 @@ import pytest
 from flowood_ray.scoring.conformal import (
     DriftCheck,
     conformal_p_values,
+    conformal_threshold,
     drift_check,
     flagged,
     min_calibration_size,
     require_calibration_size,
+    unit_weights,
 )
+
+# Three calibration clips: A has four frames (weight 1/4 each), B one (1), C two (1/2 each).
+CLIP_SCORES = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 2.0, 6.0])
+CLIP_IDS = np.array(["A", "A", "A", "A", "B", "C", "C"])
 
 
 def test_p_values_by_hand_with_ties() -> None:
@@ -61,6 +67,75 @@ def test_coverage_is_valid_and_tight(alpha: float, n: int, exact_rate: float) ->
     standard_error = fractions.std(ddof=1) / np.sqrt(repetitions)
     assert fractions.mean() <= alpha + 3 * standard_error
     assert abs(fractions.mean() - exact_rate) <= 3 * standard_error
+
+
+def test_clip_weighted_p_values_and_threshold_by_hand() -> None:
+    """p(s) = (1 + W(c >= s)) / (n + 1) with n = 3 clips: p(4.5) = (1 + 1 + 1/2) / 4, where counting frames
+    as units gives (1 + 2) / 8; p(2) = (1 + 3/4 + 1 + 1) / 4 and p(6) = (1 + 1/2) / 4 (ties count).
+    At alpha 0.5 the threshold is the smallest t with 1 + W(c > t) <= 2: W(c > 4) = 1.5, W(c > 5) = 0.5,
+    so t = 5 (frames as units would give 3). Catches frames counted as units, weights that do not follow
+    the clips, and a > for >= slip."""
+    weights, n = unit_weights(CLIP_IDS)
+    assert n == 3 and weights.tolist() == [0.25] * 4 + [1.0, 0.5, 0.5]
+    p = conformal_p_values([4.5, 2.0, 6.0, 7.0, 0.0], CLIP_SCORES, weights, n)
+    np.testing.assert_allclose(p, [2.5 / 4, 3.75 / 4, 1.5 / 4, 1 / 4, 1.0], rtol=0, atol=1e-15)
+    assert conformal_threshold(CLIP_SCORES, 0.5, weights, n) == 5.0
+    assert conformal_threshold(CLIP_SCORES, 0.5) == 3.0
+    # The threshold and the p-values say the same: flagged exactly above t.
+    np.testing.assert_array_equal(flagged(conformal_p_values([5.0, 5.5], CLIP_SCORES, weights, n), 0.5), [False, True])
+    # Three clips cannot resolve alpha = 0.2 (1/(n + 1) = 0.25), however many frames they hold.
+    assert conformal_threshold(CLIP_SCORES, 0.2, weights, n) is None
+
+
+def test_one_frame_per_clip_is_the_plain_p_value() -> None:
+    rng = np.random.default_rng(4)
+    calibration, scores = rng.normal(size=60), rng.normal(size=200)
+    weights, n = unit_weights(np.arange(60))
+    np.testing.assert_array_equal(conformal_p_values(scores, calibration, weights, n),
+                                  conformal_p_values(scores, calibration))
+    for alpha in (0.02, 0.05, 0.1):
+        assert conformal_threshold(calibration, alpha, weights, n) == conformal_threshold(calibration, alpha)
+
+
+def test_weights_must_add_up_to_the_clips() -> None:
+    # Catches frames weighted 1 (summing to the frame count) being read as that many clips.
+    with pytest.raises(ValueError, match="sum to 7, not to the 3 units"):
+        conformal_p_values([1.0], CLIP_SCORES, np.ones(7), 3)
+    with pytest.raises(ValueError, match="one per score"):
+        conformal_p_values([1.0], CLIP_SCORES, np.ones(3), 3)
+
+
+def _clustered_clips(rng: np.random.Generator, clips: int, frames: int) -> np.ndarray:
+    """Scores of real clips whose frames share a strong clip effect (person, camera, codec) and
+    differ little within the clip: a heavy-tailed clip level plus small frame noise."""
+    return rng.standard_t(3, size=(clips, 1)) + rng.normal(0.0, 0.1, size=(clips, frames))
+
+
+def test_clip_weighted_coverage_holds_for_a_new_clip_where_pooled_frames_do_not() -> None:
+    """Frames of one clip are not exchangeable units. On 9 calibration clips of 32 frames, the plain
+    p-value over their 288 pooled frames 'resolves' 5% and flags about 1 in 10 of a new clip's frames
+    (the new clip lies above the top calibration clip with chance 1/10); counted as 9 clips nothing can
+    be flagged at 5%. With 24 clips the clip-weighted p-value flags at most 5% of a new clip's frames
+    on average. Catches frame-level calibration that counts frames as units."""
+    rng = np.random.default_rng(12)
+    alpha, frames, repetitions = 0.05, 32, 2000
+    few_pooled, few_weighted, enough = [], [], []
+    for _ in range(repetitions):
+        for clips, out in ((9, None), (24, enough)):
+            data = _clustered_clips(rng, clips + 1, frames)
+            calibration, new = data[:clips].ravel(), data[clips]
+            weights, n = unit_weights(np.repeat(np.arange(clips), frames))
+            shares = flagged(conformal_p_values(new, calibration, weights, n), alpha).mean()
+            if out is None:
+                few_pooled.append(flagged(conformal_p_values(new, calibration), alpha).mean())
+                few_weighted.append(shares)
+            else:
+                out.append(shares)
+    pooled = np.array(few_pooled)
+    assert pooled.mean() > alpha + 5 * pooled.std(ddof=1) / np.sqrt(repetitions)
+    assert max(few_weighted) == 0.0
+    shares = np.array(enough)
+    assert shares.mean() <= alpha + 3 * shares.std(ddof=1) / np.sqrt(repetitions)
 
 
 def test_min_calibration_size_matches_a_brute_force_search() -> None:

@@ -109,7 +109,7 @@ def _faces(n: int) -> list[FaceMap]:
 
 
 SUMMARY = RunSummary(
-    models=[ModelLine("flowood-glow", "3", "glow", "nll", {"video": 12, "frame": 288})],
+    models=[ModelLine("flowood-glow", "3", "glow", "nll", {"video": "12 real videos", "frame": "288 frames of 12 real videos"})],
     verdict_score="nll",
     fpr=0.01,
     threshold=2.5,
@@ -197,7 +197,7 @@ def test_summary_states_verdicts_models_and_threshold_samples(report: tuple[Path
     verdicts = [[cell["text"] for cell in row] for row in parser.tables["verdicts"]]
     assert verdicts == [["real", "40", "2 (5%)", "38", "0"], ["Deepfakes", "20", "15 (79%)", "4", "1"]]
     text = "".join(parser.text)
-    assert "flowood-glow v3 (glow), primary nll; thresholds from 12 real videos, 288 real frames" in text
+    assert "flowood-glow v3 (glow), primary nll; thresholds from 12 real videos, 288 frames of 12 real videos" in text
     assert "0.01 FPR" in text and "nll > 2.5" in text
 
 

@@ -63,7 +63,8 @@ def recalibrate(
     frames = frames.filter(pc.is_in(frames.column("video_id"), pa.array(sorted(frame_ids))))
     column = lambda table, n: table.column(n).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
     video = calibrate({n: column(scored, n) for n in names}, "video", fprs=fprs, min_samples=1)
-    frame = calibrate({n: column(frames, n) for n in names}, "frame", fprs=fprs, min_samples=1)
+    frame = calibrate({n: column(frames, n) for n in names}, "frame", groups=frames.column("video_id").to_numpy(
+        zero_copy_only=False), fprs=fprs, min_samples=1)
     recalibrated = ModelBundle(
         family=bundle.family, configs=bundle.configs, modules=bundle.modules, code_version=code_version(),
         extra=bundle.extra | {"recalibrated_from": {"name": name, "version": version, "videos": scored.num_rows,

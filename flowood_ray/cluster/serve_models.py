@@ -68,7 +68,8 @@ class ServedModel:
             name=self.name, version=self.version, family=self.family, score=self.score_name, fpr=fpr,
             frame_threshold=finite_or_none(self.frame.threshold(fpr)),
             video_threshold=finite_or_none(self.video.threshold(fpr)),
-            frame_calibration_n=self.frame.n, video_calibration_n=self.video.n,
+            frame_calibration_n=self.frame.n, frame_calibration_frames=self.frame.samples or self.frame.n,
+            video_calibration_n=self.video.n,
             frame_resolved=self.frame.resolved[_rate(self.frame, fpr)],
             video_resolved=self.video.resolved[_rate(self.video, fpr)],
         )

@@ -40,9 +40,11 @@ class ModelInfo(BaseModel):
     fpr: float = Field(description="false-positive rate on real validation data at which thresholds were set")
     frame_threshold: float | None = Field(description="None when the calibration holds too few reals for any score to be flagged at this rate")
     video_threshold: float | None = Field(description="None when the calibration holds too few reals for any score to be flagged at this rate")
-    frame_calibration_n: int = Field(description="real frames behind the frame threshold")
+    frame_calibration_n: int = Field(description="real clips whose frames set the frame threshold; each clip "
+                                     "weighs one however many frames it gave (frames of a clip are not independent)")
+    frame_calibration_frames: int = Field(description="real frames behind the frame threshold")
     video_calibration_n: int = Field(description="real videos behind the video threshold")
-    frame_resolved: bool = Field(description="at least 1/fpr real frames stand behind the frame threshold")
+    frame_resolved: bool = Field(description="at least 1/fpr real clips stand behind the frame threshold")
     video_resolved: bool = Field(description="at least 1/fpr real videos stand behind the video threshold")
 
 

@@ -42,7 +42,7 @@ def calibrate_bundle(
     bundle.extra.update(build_scorer(bundle).reference_statistics(train_images))
     scorer = build_scorer(bundle)
     scores = score_videos(scorer, val_images, val_ids, SCORE_BATCH)
-    frame = calibrate(scores, "frame")
+    frame = calibrate(scores, "frame", groups=val_ids)
     _, per_video = scorer.aggregate(val_ids, scores)
     # Validation splits hold few videos; video thresholds are then near the sample maximum (logged).
     video = calibrate(per_video, "video", min_samples=3)

@@ -12,6 +12,11 @@ that p-value, and the threshold is None: the model then flags nothing at that ra
 pretending a sample maximum is a 1% threshold. `resolved` says whether at least 1/alpha reals stand
 behind a threshold.
 
+The reals that count are clips. A video score is one per clip; frame scores are calibrated with each
+frame weighted by 1/(frames of its clip) (`conformal`), so `n` is the number of clips at both levels
+and `samples` the number of scores. A frame threshold therefore needs as many clips as a video one:
+frames of one clip share a face, a camera and a codec and do not stand for other people's footage.
+
 Convention: higher score = more anomalous = more likely fake.
 """
 
@@ -23,7 +28,10 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, computed_field
+
+from flowood_ray.scoring.conformal import check_real_scores, conformal_p_values, conformal_threshold, unit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +50,8 @@ class Calibration(BaseModel):
 
     score: str
     level: Level
-    n: int = Field(ge=1)
+    n: int = Field(ge=1)  # clips behind the thresholds and p-values (the exchangeable units)
+    samples: int | None = Field(None, ge=1)  # scores: frames at frame level; None (older calibrations) = n
     mean: float
     std: float = Field(ge=0.0)
     quantiles: dict[float, float]
@@ -51,11 +60,13 @@ class Calibration(BaseModel):
     thresholds: dict[float, float | None]
     # The sorted real scores behind the thresholds: conformal p-values need the sample, not its quantiles.
     scores: tuple[float, ...] = ()
+    # Each score's weight, 1/(scores of its clip), in the order of `scores`; empty: every score is a clip.
+    weights: tuple[float, ...] = ()
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def resolved(self) -> dict[float, bool]:
-        """fpr -> whether at least 1/fpr real samples stand behind its threshold."""
+        """fpr -> whether at least 1/fpr real clips stand behind its threshold."""
         return {fpr: self.n >= math.ceil(1.0 / fpr - 1e-9) for fpr in self.thresholds}
 
     def threshold(self, fpr: float) -> float:
@@ -71,45 +82,29 @@ class Calibration(BaseModel):
 
     def p_values(self, scores: np.ndarray | float) -> np.ndarray:
         """Conformal p-values of `scores` against the calibration reals (NaN stays NaN)."""
-        from flowood_ray.scoring.conformal import conformal_p_values
-
         if not self.scores:
             raise ValueError(f"score {self.score!r} ({self.level}) was calibrated without keeping its real scores")
-        return conformal_p_values(scores, np.asarray(self.scores))
+        weights = np.asarray(self.weights) if self.weights else None
+        return conformal_p_values(scores, np.asarray(self.scores), weights, self.n)
 
 
 _CALIBRATIONS = TypeAdapter(dict[str, Calibration])
-
-
-def _check_real_scores(name: str, values: np.ndarray, min_samples: int) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1:
-        raise ValueError(f"score {name!r}: expected a 1-D array of real validation scores, got shape {array.shape}")
-    bad = int(np.count_nonzero(~np.isfinite(array)))
-    if bad:
-        raise ValueError(
-            f"score {name!r}: {bad} of {array.size} real validation scores are NaN or infinite; "
-            "drop unscored samples before calibrating"
-        )
-    if array.size < min_samples:
-        raise ValueError(
-            f"score {name!r}: {array.size} real validation scores, at least {min_samples} are needed to calibrate"
-        )
-    return array
 
 
 def calibrate(
     scores: Mapping[str, np.ndarray],
     level: Level,
     *,
+    groups: ArrayLike | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     fprs: Sequence[float] = DEFAULT_FPRS,
     min_samples: int = MIN_SAMPLES,
 ) -> dict[str, Calibration]:
     """Calibrate every named score from REAL-ONLY validation scores.
 
-    The threshold at rate `fpr` is the conformal one (`conformal_threshold`): a fresh real exchangeable
-    with these is flagged with probability at most `fpr`.
+    `groups` names the clip of every score (frame level); without it each score is a clip of its own.
+    The threshold at rate `fpr` is the conformal one (`conformal.conformal_threshold`): a fresh real clip
+    exchangeable with these has at most `fpr` of its scores flagged, in expectation.
     """
     if level not in ("frame", "video"):
         raise ValueError(f"level must be 'frame' or 'video', got {level!r}")
@@ -120,39 +115,36 @@ def calibrate(
         raise ValueError("no scores to calibrate")
     calibrations: dict[str, Calibration] = {}
     for name, values in scores.items():
-        real = np.sort(_check_real_scores(name, values, min_samples))
-        for fpr in fprs:
-            if real.size < math.ceil(1.0 / fpr - 1e-9):
-                logger.warning("score %r (%s): %d real samples do not resolve fpr=%g (%d needed)%s", name, level,
-                               real.size, fpr, math.ceil(1.0 / fpr - 1e-9),
-                               "; nothing can be flagged at that rate" if conformal_threshold(real, fpr) is None else "")
+        real = check_real_scores(name, values, min_samples)
+        if groups is None:
+            weights, n = np.ones_like(real), real.size
+        else:
+            if len(groups) != real.size:
+                raise ValueError(f"score {name!r}: {real.size} scores but {len(groups)} clip ids")
+            weights, n = unit_weights(groups)
+        order = np.argsort(real, kind="stable")
+        real, weights = real[order], weights[order]
+        thresholds = {float(f): conformal_threshold(real, f, weights, n) for f in fprs}
+        for fpr, threshold in thresholds.items():
+            if n < math.ceil(1.0 / fpr - 1e-9):
+                logger.warning("score %r (%s): %d real clips do not resolve fpr=%g (%d needed)%s", name, level,
+                               n, fpr, math.ceil(1.0 / fpr - 1e-9),
+                               "; nothing can be flagged at that rate" if threshold is None else "")
         calibrations[name] = Calibration(
             score=name,
             level=level,
-            n=int(real.size),
+            n=n,
+            samples=int(real.size),
             mean=float(real.mean()),
             std=float(real.std(ddof=1)),
             quantiles={float(q): float(np.quantile(real, q)) for q in quantiles},
-            thresholds={float(f): conformal_threshold(real, f) for f in fprs},
+            thresholds=thresholds,
             scores=tuple(float(v) for v in real),
+            weights=() if groups is None else tuple(float(w) for w in weights),
         )
-        logger.info(
-            "calibrated %r (%s) on %d real samples: thresholds %s",
-            name,
-            level,
-            real.size,
-            calibrations[name].thresholds,
-        )
+        logger.info("calibrated %r (%s) on %d real scores of %d clips: thresholds %s", name, level, real.size, n,
+                    thresholds)
     return calibrations
-
-
-def conformal_threshold(real: np.ndarray, fpr: float) -> float | None:
-    """The score above which a sample's conformal p-value is at most `fpr`: with K = floor(fpr (n + 1)) - 1,
-    p <= fpr exactly when at most K reals score at or above it, i.e. above the (K + 1)-th largest real.
-    None when K < 0 (fewer than 1/fpr - 1 reals)."""
-    ordered = np.sort(np.asarray(real, dtype=np.float64))
-    allowed = math.floor(fpr * (ordered.size + 1) + 1e-9) - 1
-    return None if allowed < 0 else float(ordered[ordered.size - 1 - allowed])
 
 
 def verdict(score: np.ndarray | float, calibration: Calibration, fpr: float = 0.01) -> np.ndarray:

@@ -6,6 +6,16 @@ p(s) = (1 + #{c >= s}) / (n + 1). If the test real and the n calibration reals a
 P(p <= alpha) = floor(alpha (n + 1)) / (n + 1) <= alpha (exactly alpha when alpha (n + 1) is an
 integer and scores have no ties; ties only make p larger).
 
+Frames of one clip are not exchangeable units: they share a person, a camera and a codec, so a
+threshold set on the pooled frames of a few clips is exceeded by a new clip's frames far more often
+than its stated rate. At frame level the units are therefore clips: each calibration frame weighs
+1/m_i, m_i the frames of its clip, and with n clips
+p(s) = (1 + sum of the weights of calibration frames >= s) / (n + 1).
+This is conformal risk control with a clip's flagged share of frames as the loss (Angelopoulos et al.,
+2022): for a new clip exchangeable with the n calibration clips, the expected share of its frames with
+p <= alpha is at most alpha, however strongly frames of a clip agree. With one frame per clip it is
+the p-value above, and like it, it needs n >= 1/alpha - 1 clips before anything can be flagged.
+
 The drift check asks whether an archive's reals still look like the calibration reals, which the
 guarantee above needs. It cannot use labels, so it reads the flagged fraction against its null
 interval and compares the lower half of the scores, where fakes rarely sit (see `drift_check`).
@@ -21,10 +31,25 @@ from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict
 from scipy.stats import betabinom
 
-from flowood_ray.scoring.calibration import _check_real_scores
-
 DEFAULT_LOWER_LEVELS: tuple[float, ...] = (0.1, 0.25, 0.5)
 RECALIBRATE_HINT = "recalibrate with `flowood calibrate MODEL --reals <known-real {what} of this archive>`"
+
+
+def check_real_scores(name: str, values: np.ndarray, min_samples: int) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"score {name!r}: expected a 1-D array of real validation scores, got shape {array.shape}")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise ValueError(
+            f"score {name!r}: {bad} of {array.size} real validation scores are NaN or infinite; "
+            "drop unscored samples before calibrating"
+        )
+    if array.size < min_samples:
+        raise ValueError(
+            f"score {name!r}: {array.size} real validation scores, at least {min_samples} are needed to calibrate"
+        )
+    return array
 
 
 def _check_alpha(alpha: float) -> None:
@@ -36,14 +61,65 @@ def _percent(rate: float) -> str:
     return f"{rate * 100:g}%"
 
 
-def conformal_p_values(scores: ArrayLike, calibration_scores: ArrayLike) -> np.ndarray:
-    """p(s) = (1 + #{c >= s}) / (n + 1) for every score, in the scores' shape; NaN where s is NaN."""
-    calibration = np.sort(_check_real_scores("calibration", np.asarray(calibration_scores), min_samples=1))
+def unit_weights(groups: ArrayLike) -> tuple[np.ndarray, int]:
+    """(weight of each sample, number of units): 1/m for each of the m samples of a unit (a clip), so
+    every unit weighs 1 in all."""
+    keys = np.asarray(groups)
+    if keys.ndim != 1 or keys.size == 0:
+        raise ValueError(f"groups must be a non-empty 1-D array, got shape {keys.shape}")
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse], int(counts.size)
+
+
+def _sorted_calibration(calibration_scores: ArrayLike, weights: ArrayLike | None) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration scores sorted ascending, and the total weight at or above each position (one entry
+    more, 0, for 'above everything')."""
+    calibration = check_real_scores("calibration", np.asarray(calibration_scores), min_samples=1)
+    weight = np.ones_like(calibration) if weights is None else np.asarray(weights, dtype=np.float64)
+    if weight.shape != calibration.shape or not np.all(weight > 0.0):
+        raise ValueError(f"calibration weights must be positive, one per score: got shape {weight.shape} "
+                         f"for {calibration.size} scores")
+    order = np.argsort(calibration, kind="stable")
+    tail = np.concatenate([np.cumsum(weight[order][::-1])[::-1], [0.0]])
+    return calibration[order], tail
+
+
+def _units(tail: np.ndarray, n_units: int | None) -> int:
+    n = round(float(tail[0])) if n_units is None else int(n_units)
+    if n < 1 or not math.isclose(float(tail[0]), n, rel_tol=1e-9):
+        raise ValueError(f"calibration weights sum to {float(tail[0]):g}, not to the {n} units they stand for")
+    return n
+
+
+def conformal_p_values(
+    scores: ArrayLike, calibration_scores: ArrayLike, weights: ArrayLike | None = None, n_units: int | None = None
+) -> np.ndarray:
+    """p(s) = (1 + W(c >= s)) / (n + 1) for every score, in the scores' shape; NaN where s is NaN.
+
+    Without weights every calibration score is a unit (W counts them). With `weights` (`unit_weights` of
+    the scores' clips) W sums the weights and n is the number of clips, which they must add up to."""
+    calibration, tail = _sorted_calibration(calibration_scores, weights)
+    n = _units(tail, n_units)
     values = np.asarray(scores, dtype=np.float64)
-    # side="left" counts the calibration scores strictly below s, so ties with s count as >= s.
-    at_least = calibration.size - np.searchsorted(calibration, values, side="left")
-    p_values = (1.0 + at_least) / (calibration.size + 1.0)
+    # side="left" skips the calibration scores strictly below s, so ties with s count as >= s.
+    at_least = tail[np.searchsorted(calibration, values, side="left")]
+    p_values = np.minimum(1.0, (1.0 + at_least) / (n + 1.0))
     return np.where(np.isnan(values), np.nan, p_values)
+
+
+def conformal_threshold(
+    calibration_scores: ArrayLike, alpha: float, weights: ArrayLike | None = None, n_units: int | None = None
+) -> float | None:
+    """The smallest calibration score t such that every s > t has p(s) <= alpha, i.e. the smallest t with
+    1 + W(c > t) <= alpha (n + 1); None when even the largest fails (n < 1/alpha - 1): nothing can be
+    flagged at that rate."""
+    _check_alpha(alpha)
+    calibration, tail = _sorted_calibration(calibration_scores, weights)
+    n = _units(tail, n_units)
+    above = tail[np.searchsorted(calibration, calibration, side="right")]
+    # The tolerance keeps sums of 1/m weights from missing an exact boundary through rounding.
+    allowed = np.flatnonzero(1.0 + above <= alpha * (n + 1) + 1e-9)
+    return None if allowed.size == 0 else float(calibration[allowed[0]])
 
 
 def flagged(p_values: ArrayLike, alpha: float) -> np.ndarray:
@@ -151,7 +227,7 @@ def drift_check(
         raise ValueError(f"interval_level must lie in (0, 1), got {interval_level}")
     if not lower_levels or not all(0.0 < u <= 0.5 for u in lower_levels):
         raise ValueError(f"lower_levels must be a non-empty sequence in (0, 0.5], got {tuple(lower_levels)}")
-    calibration = np.sort(_check_real_scores("calibration", np.asarray(calibration_scores), min_samples=1))
+    calibration = np.sort(check_real_scores("calibration", np.asarray(calibration_scores), min_samples=1))
     n = int(calibration.size)
     require_calibration_size(n, alpha, what=f"real calibration {what}")
     archive = np.asarray(archive_scores, dtype=np.float64)

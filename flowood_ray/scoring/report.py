@@ -42,13 +42,14 @@ class FaceMap:
 
 @dataclass(frozen=True)
 class ModelLine:
-    """A model of the run; `threshold_samples`: level -> real validation samples behind its primary's thresholds."""
+    """A model of the run; `threshold_samples`: level -> the real validation samples behind its primary's
+    thresholds, in words (e.g. "416 frames of 13 real videos")."""
 
     name: str
     version: str
     family: str
     primary: str
-    threshold_samples: Mapping[str, int] = field(default_factory=dict)
+    threshold_samples: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _verdict_table(summary: RunSummary) -> str:
 def _models_list(models: Sequence[ModelLine]) -> str:
     items = []
     for model in models:
-        samples = ", ".join(f"{n} real {level}s" for level, n in model.threshold_samples.items())
+        samples = ", ".join(model.threshold_samples.values())
         behind = f"; thresholds from {samples}" if samples else ""
         items.append(
             f"<li><b>{_esc(model.name)}</b> v{_esc(model.version)} ({_esc(model.family)}), "
