@@ -10,14 +10,18 @@ forged and real clips of other people.
 4. score the test people's real and forged clips: video AUROC per family, score and method, the share
    of each method's fakes flagged at the calibrated 1% FPR threshold, and the share of held-out real
    clips flagged at 1% and 5% (what a user would see as false alarms);
-5. recalibrate on reference reals of the test domain: half the test people's real frames recalibrate
-   the primary score, and the other half's are measured against the old and new thresholds.
+5. recalibrate on reference reals of the test domain (`redteam_recalibration`): the validation and test
+   people's whole recordings cut into windows, each a clip; thresholds from the validation people's windows
+   (before) and from reference windows of the test people (after), measured on the other test windows.
+   Needs a forged archive (its forge_meta.json says whose recordings are where); skipped with --archive
+   of a synthetic benchmark.
 
 6. with --leave-one-out, the supervised classifier once more per method, trained without that method's
    fakes: the AUROC it keeps on the method it never saw, with and without its abnormality module, and
    noisy-OR'd with the blend detector's score.
 
-Steps are cached in the work directory, so a rerun skips what is done. Prints Markdown tables and
+Steps are cached in the work directory (trained models, test and window scores, pixel metrics), so a
+rerun skips what is done. Prints Markdown tables and
 writes redteam.json. Usage: python bench/redteam.py [--realfaces DIR | --archive DIR] [--work DIR]
 [--families ...] [--recipe FAMILY=EPOCHS[xSIZE] ...] [--leave-one-out]
 """
@@ -35,6 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,10 +57,12 @@ from flowood_ray.media.facecrop import crops_to_array, masks_to_array  # noqa: E
 from flowood_ray.media.shards import crop_dataset, crop_size, read_crop_images, read_videos  # noqa: E402
 from flowood_ray.scoring.localization import localization_table  # noqa: E402
 from flowood_ray.registry import configure, load_registered  # noqa: E402
-from flowood_ray.scoring.calibration import Calibration, calibrate  # noqa: E402
+from flowood_ray.scoring.calibration import Calibration  # noqa: E402
 from flowood_ray.scoring.metrics import evaluate_table  # noqa: E402
 from flowood_ray.scoring.scorers import build_scorer, score_videos  # noqa: E402
-from redteam_glow import archive_people, held_out_pairs, make_transfers, score_transfers  # noqa: E402
+from redteam_glow import held_out_pairs, make_transfers, score_transfers  # noqa: E402
+from redteam_recalibration import recalibration_study, window_crops, window_scores  # noqa: E402
+from redteam_recalibration import markdown as recalibration_markdown  # noqa: E402
 
 log = logging.getLogger("redteam")
 _DEMO = DemoConfig()
@@ -119,8 +126,11 @@ def train_step(crops: Path, work: Path, family: str, epochs: int, configs: dict[
 
 def score_test_split(crops: Path, name: str, version: str) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Video and frame scores of the test people's clips (label, method and every score of the model),
-    and the model's calibration."""
+    and the model's calibration. The scores are cached beside the crops, so a rerun only reads them."""
     bundle = load_registered(f"models:/{name}/{version}")
+    cache = [crops.parent / "test_scores" / f"{name}-v{version}-{level}.parquet" for level in ("video", "frame")]
+    if all(path.exists() for path in cache):
+        return pq.read_table(cache[0]), pq.read_table(cache[1]), bundle.calibration
     scorer = build_scorer(bundle)
     videos = read_videos(crops).filter((pc.field("split") == "test") & (pc.field("faces") > 0))
     images, ids = read_crop_images(crops, videos.column("video_id").to_pylist())
@@ -132,13 +142,20 @@ def score_test_split(crops: Path, name: str, version: str) -> tuple[pa.Table, pa
         return pa.table({"video_id": keys, "label": [meta[v]["label"] for v in keys],
                          "method": [meta[v]["method"] for v in keys], **scores})
 
-    return labelled(video_ids, per_video), labelled(ids, frame_scores), bundle.calibration
+    tables = labelled(video_ids, per_video), labelled(ids, frame_scores)
+    cache[0].parent.mkdir(exist_ok=True)
+    for table, path in zip(tables, cache):
+        pq.write_table(table, path)
+    return *tables, bundle.calibration
 
 
 def pixel_metrics(crops: Path, name: str, version: str, frames_per_clip: int = 4) -> dict[str, Any]:
     """Pixel AUROC and AUPRO of a map family's maps against the forged masks, on `frames_per_clip` evenly
     spaced frames of every test clip (the 1st, 9th, 17th, 25th of 32), each method's fakes with every real
-    frame as negatives."""
+    frame as negatives. Cached beside the crops."""
+    cache = crops.parent / "test_scores" / f"{name}-v{version}-pixels{frames_per_clip}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     scorer = build_scorer(load_registered(f"models:/{name}/{version}"))
     videos = read_videos(crops).filter((pc.field("split") == "test") & (pc.field("faces") > 0))
     method = dict(zip(videos.column("video_id").to_pylist(), videos.column("method").to_pylist()))
@@ -152,7 +169,10 @@ def pixel_metrics(crops: Path, name: str, version: str, frames_per_clip: int = 4
     images = crops_to_array(chosen, size)
     maps = np.concatenate([scorer.pixel_map(images[i : i + 32]) for i in range(0, len(images), 32)])
     labels = np.array([method[v] for v in chosen.column("video_id").to_pylist()], dtype=object)
-    return localization_table(masks_to_array(chosen, size) >= MASK_MANIPULATED_FROM, maps, labels)
+    table = localization_table(masks_to_array(chosen, size) >= MASK_MANIPULATED_FROM, maps, labels)
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text(json.dumps(table, default=float))
+    return table
 
 
 def flag_rates(videos: pa.Table, frames: pa.Table, calibration: dict[str, Any]) -> dict[str, Any]:
@@ -172,35 +192,6 @@ def flag_rates(videos: pa.Table, frames: pa.Table, calibration: dict[str, Any]) 
     return rates
 
 
-
-
-def recalibrated_rates(frames: pa.Table, videos_of: dict[str, str], people: dict[str, str],
-                       calibration: dict[str, Any]) -> dict[str, Any]:
-    """Held-out real frame flag rates at 1% and 5%, before and after recalibration on reference reals of the
-    test domain: the test people are dealt into two folds; each fold's real frames recalibrate the primary
-    score (what `flowood calibrate` does with a user's known reals), and the other fold's real frames are
-    measured against both the registered and the recalibrated thresholds. Rates are averaged over the folds.
-    Frames of one clip are not independent, so these rates are noisier than their counts suggest."""
-    primary = calibration["primary"]
-    registered = Calibration.model_validate(calibration["frame"][primary])
-    reals = frames.filter(pc.field("method") == "real")
-    person = np.array([people[Path(videos_of[v]).stem] for v in reals.column("video_id").to_pylist()])
-    scores = reals.column(primary).to_numpy()
-    ordered = sorted(set(person))
-    folds = [set(ordered[0::2]), set(ordered[1::2])]
-    out: dict[str, Any] = {"people": len(ordered)}
-    for fpr in (0.01, 0.05):
-        before, after, reference = [], [], []
-        for fold in folds:
-            in_fold = np.isin(person, list(fold))
-            recalibrated = calibrate({primary: scores[in_fold]}, "frame", fprs=(fpr,))[primary]
-            held = scores[~in_fold]
-            before.append(float((held > registered.threshold(fpr)).mean()))
-            after.append(float((held > recalibrated.threshold(fpr)).mean()))
-            reference.append(int(in_fold.sum()))
-        out[f"before@{fpr:g}"], out[f"after@{fpr:g}"] = float(np.mean(before)), float(np.mean(after))
-        out["reference_frames"] = reference
-    return out
 
 
 def markdown(rows: list[dict[str, Any]], rates: dict[str, dict[str, float]]) -> str:
@@ -237,6 +228,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--recipe", nargs="*", default=[], metavar="FAMILY=EPOCHS[xSIZE]",
                         help="change a family's recipe, e.g. classifier=3x64 (3 epochs at 64 px)")
+    parser.add_argument("--window-seconds", type=float, default=1.0, help="length of the recalibration study's clips")
+    parser.add_argument("--window-stride", type=int, default=3, help="every how many frames the study samples")
     parser.add_argument("--leave-one-out", action="store_true", help="with the classifier in --families: train it "
                         "once more per method without that method's fakes, and judge it on the method it never saw")
     args = parser.parse_args()
@@ -252,8 +245,8 @@ def main() -> None:
     summaries: dict[str, dict[str, Any]] = {}
     recalibration: dict[str, dict[str, Any]] = {}
     pixels: dict[str, dict[str, Any]] = {}
-    people = archive_people(forged)
-    videos_of = {r["video_id"]: r["path"] for r in read_videos(crops).select(["video_id", "path"]).to_pylist()}
+    windows = (window_crops(forged, work, args.crop_size, args.window_stride, args.workers)
+               if (forged / "forge_meta.json").exists() else None)
     overrides = dict(item.split("=", 1) for item in args.recipe)
     video_scores: dict[str, pa.Table] = {}
     for family in args.families:
@@ -265,7 +258,9 @@ def main() -> None:
         rows += [r | {"family": family} for r in evaluate_table(videos, "video", scores, n_boot=200)]
         rows += [r | {"family": family} for r in evaluate_table(frames, "frame", scores, n_boot=100)]
         rates[family] = flag_rates(videos, frames, calibration)
-        recalibration[family] = recalibrated_rates(frames, videos_of, people, calibration)
+        if windows is not None:
+            table = window_scores(*windows, summary["name"], summary["version"], args.window_seconds, min_frames=3)
+            recalibration[family] = recalibration_study(table)
         if build_scorer(load_registered(f"models:/{summary['name']}/{summary['version']}")).map_name:
             pixels[family] = pixel_metrics(crops, summary["name"], summary["version"])
         log.info("%s: %s", family, json.dumps(rates[family]))
@@ -286,12 +281,10 @@ def main() -> None:
                                                   "leave_one_out": unseen},
                                                   indent=1, default=str))
     print(markdown(rows, rates))
-    print("\nHeld-out real frames flagged before / after recalibration on the other test people's real frames "
-          "(two folds by person, averaged):\n\n| family | 1% before | 1% after | 5% before | 5% after | "
-          "reference frames |\n|" + " --- |" * 6)
-    for family, r in recalibration.items():
-        print(f"| {family} | {r['before@0.01']:.3f} | {r['after@0.01']:.3f} | {r['before@0.05']:.3f} | "
-              f"{r['after@0.05']:.3f} | {' + '.join(map(str, r['reference_frames']))} |")
+    if recalibration:
+        print("\nHeld-out real windows flagged before (thresholds from the validation people's windows) and after "
+              "recalibration on reference windows of the test people; mean (10th-90th percentile) over draws:\n")
+        print(recalibration_markdown(recalibration))
     if pixels:
         print("\nPixel AUROC / AUPRO (to 30% FPR) of the maps against the forged masks, 4 frames a clip:\n")
         subsets = sorted({k for p in pixels.values() for k in p})

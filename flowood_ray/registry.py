@@ -159,7 +159,7 @@ def register_bundle(bundle: ModelBundle, run_id: str, name: str | None = None, a
 
 def calibration_tags(calibration: dict[str, Any]) -> dict[str, str]:
     """What `models list` shows of a version's calibration without downloading it: per level, the primary
-    score's sample count and its thresholds with their resolved flags."""
+    score's clip count (and score count: frames at frame level) and its thresholds with their resolved flags."""
     primary = calibration.get("primary")
     tags = {"flowood.primary": str(primary)}
     for level in ("frame", "video"):
@@ -168,7 +168,8 @@ def calibration_tags(calibration: dict[str, Any]) -> dict[str, str]:
             n = int(cal["n"])
             summary = {fpr: {"threshold": t, "resolved": n >= math.ceil(1.0 / float(fpr) - 1e-9)}
                        for fpr, t in cal["thresholds"].items()}
-            tags[f"flowood.{level}"] = json.dumps({"n": n, "thresholds": summary}, sort_keys=True)
+            samples = int(cal.get("samples") or n)
+            tags[f"flowood.{level}"] = json.dumps({"n": n, "samples": samples, "thresholds": summary}, sort_keys=True)
     return tags
 
 

@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from flowood_ray.cli import app
 from flowood_ray.cluster.recalibrate import recalibrate
 from flowood_ray.cluster.score import SUMMARY_FILE, read_scores, run_score
 from flowood_ray.media.datasets import build_manifest
@@ -107,6 +109,10 @@ def test_calibrate_refuses_fakes_and_too_few_reals_then_registers_same_weights_n
     video = Calibration.model_validate(new.calibration["video"][primary])
     assert video.n == reals.num_rows and sorted(video.scores) == sorted(scores.column(primary).to_pylist())
     frame = Calibration.model_validate(new.calibration["frame"][primary])
-    # Frame thresholds stand on the clips, not on their frames (up to 4 each).
+    # Frame thresholds stand on the clips, not on their frames (up to 4 each), and `models list` says so.
     assert (frame.n, frame.samples) == (reals.num_rows, summary["frames"]) and summary["frames"] > reals.num_rows
+    listing = CliRunner().invoke(app, ["models", "list", "--tracking-uri", uri])
+    assert listing.exit_code == 0, listing.output
+    entry = next(e for e in ("\n" + listing.output).split("\nflowood-") if e.startswith("glow ") and f" v{new.version} " in e)
+    assert f"frame: {reals.num_rows} clips ({summary['frames']} frames), thresholds 0.1: " in entry
     assert list(video.thresholds) == [0.1]

@@ -29,7 +29,9 @@ def models_list(tracking_uri: TrackingOption = None) -> None:
                     + ("" if t["resolved"] else " (unresolved)")
                     for fpr, t in sorted(row[level]["thresholds"].items())
                 )
-                line += f"\n    {row['primary']} {level}: n={row[level]['n']}, thresholds {rates}"
+                size = f"{row[level]['n']} clips" + (f" ({row[level]['samples']} frames)" if level == "frame" and
+                                                      "samples" in row[level] else "")
+                line += f"\n    {row['primary']} {level}: {size}, thresholds {rates}"
         typer.echo(line)
 
 
