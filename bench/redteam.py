@@ -21,9 +21,9 @@ forged and real clips of other people.
    noisy-OR'd with the blend detector's score.
 
 Steps are cached in the work directory (trained models, test and window scores, pixel metrics), so a
-rerun skips what is done. Prints Markdown tables and
-writes redteam.json. Usage: python bench/redteam.py [--realfaces DIR | --archive DIR] [--work DIR]
-[--families ...] [--recipe FAMILY=EPOCHS[xSIZE] ...] [--leave-one-out]
+rerun skips what is done. Prints Markdown tables and writes redteam.json. Usage: python bench/redteam.py
+[--realfaces DIR | --archive DIR] [--work DIR] [--families ...] [--recipe FAMILY=EPOCHS[xSIZE] ...]
+[--leave-one-out] [--window-seconds S] [--window-stride K]
 """
 
 from __future__ import annotations
@@ -190,8 +190,6 @@ def flag_rates(videos: pa.Table, frames: pa.Table, calibration: dict[str, Any]) 
             rates[f"{level}:{method}"] = float((scores[methods == method] > cal.threshold(0.01)).mean())
         rates[f"{level}:n"], rates[f"{level}:resolved"] = cal.n, cal.resolved[0.01]
     return rates
-
-
 
 
 def markdown(rows: list[dict[str, Any]], rates: dict[str, dict[str, float]]) -> str:
