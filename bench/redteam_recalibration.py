@@ -145,10 +145,11 @@ def recalibration_study(table: pa.Table, repeats: int = 200, seed: int = 0) -> d
     # Draws that cannot resolve a rate are reported as such; the calibration's own warning would repeat per draw.
     logging.getLogger("flowood_ray.scoring.calibration").setLevel(logging.ERROR)
     rng = np.random.default_rng(seed)
+    befores = {fpr: Reference(column(val, "window"), column(val, "score"), fpr) for fpr in FPRS}
     for split in SPLITS:
         groups = {"window": windows, "recording": column(test, "recording"), "person": column(test, "person")}[split]
         for fpr in FPRS:
-            before = Reference(column(val, "window"), column(val, "score"), fpr)
+            before = befores[fpr]
             needed = max(math.ceil(1.0 / fpr - 1e-9), math.ceil(total / 2))  # Calibration.resolved's count
             draws: dict[str, list[float]] = {}
             sizes = []
